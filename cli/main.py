@@ -1,0 +1,198 @@
+"""The `relay` command: run the relay and its processes, migrate, inspect and simulate."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from shared.settings import Settings, SettingsError
+
+DEFAULT_DATA_DIR = ".relay"
+
+
+def load_settings(*required: str) -> Settings:
+    """Settings from the environment, or exit 2 with a message naming every bad variable."""
+    try:
+        return Settings.from_env().require(*required)
+    except SettingsError as exc:
+        click.echo(f"relay: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """Optimove Relay: receives Optimove notifications and grants campaign promotions exactly once."""
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, help="listener/web port on 127.0.0.1")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, type=click.Path(path_type=Path),
+              help="folder for the embedded Postgres/Redis data and generated secrets")
+@click.option("--flower-port", default=5555, show_default=True, help="Flower port (a free one if taken)")
+@click.option("--workers", default=2, show_default=True, help="worker processes (Celery concurrency)")
+@click.option("--simulator/--no-simulator", default=None,
+              help="attach the fake Optimove and bonus system (default: when OPTIMOVE_API_URL is unset)")
+def up(port: int, data_dir: Path, flower_port: int, workers: int, simulator: bool | None) -> None:
+    """Run everything: stores (embedded unless DATABASE_URL/REDIS_URL), web, worker, beat, flower."""
+    from cli.supervisor import Supervisor
+
+    settings = load_settings()
+    sys.exit(Supervisor(settings, data_dir, port, flower_port, workers, simulator).run())
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the Alembic migrations to DATABASE_URL."""
+    from shared.db import upgrade
+
+    settings = load_settings("database_url")
+    upgrade(settings.database_url, revision)
+    click.echo(f"database at revision {revision}")
+
+
+@main.command()
+@click.option("--port", default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 in containers)")
+@click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
+@click.option("--threads", default=4, show_default=True, help="threads per gunicorn worker")
+def web(port: int, bind: str, workers: int, threads: int) -> None:
+    """Serve the listener, status API, health and metrics with gunicorn."""
+    load_settings("database_url", "redis_url")
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
+    argv = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", str(workers),
+            "--threads", str(threads), "--worker-class", "gthread" if threads > 1 else "sync",
+            "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "--graceful-timeout", "10", "web.app:create_app()"]
+    os.execv(sys.executable, argv)
+
+
+def _celery():
+    from workers.app import create_celery
+
+    settings = load_settings("database_url", "redis_url")
+    return create_celery(settings), settings
+
+
+@main.command()
+@click.option("--queues", default="realtime,notifications,campaigns,grants", show_default=True)
+@click.option("--concurrency", default=2, show_default=True)
+def worker(queues: str, concurrency: int) -> None:
+    """Run a Celery worker on the given queues."""
+    app, settings = _celery()
+    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", f"relay-{os.getpid()}@%h",
+                     "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.option("--schedule-file", default=lambda: os.path.join(tempfile.gettempdir(), "relay-beat-schedule"),
+              show_default="a file in the temp folder")
+def beat(schedule_file: str) -> None:
+    """Run Celery beat (the sweeper)."""
+    app, settings = _celery()
+    app.start(["beat", "--schedule", schedule_file, "--loglevel", settings.log_level.upper()])
+
+
+@main.command()
+@click.option("--port", default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True)
+def flower(port: int, address: str) -> None:
+    """Run Flower (basic auth from FLOWER_BASIC_AUTH; bind to loopback unless it is set)."""
+    app, settings = _celery()
+    if address not in ("127.0.0.1", "localhost", "::1") and not settings.flower_basic_auth:
+        click.echo("relay: FLOWER_BASIC_AUTH: required when Flower binds to a non-loopback address", err=True)
+        sys.exit(2)
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if settings.flower_basic_auth:
+        argv.append(f"--basic-auth={settings.flower_basic_auth.get()}")
+    app.start(argv)
+
+
+@main.command()
+def sweep() -> None:
+    """Re-enqueue unfinished work once (beat does this periodically)."""
+    from shared.flows import inbox
+    from workers.app import publish
+
+    app, _ = _celery()
+    items = inbox.sweep(app.relay_runtime)
+    publish(app, items)
+    click.echo(f"re-enqueued {len(items)} task(s)")
+
+
+@main.group()
+def campaigns() -> None:
+    """Inspect campaigns."""
+
+
+@campaigns.command("show")
+@click.argument("campaign_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def campaigns_show(campaign_id: int, as_json: bool) -> None:
+    """Runs of a campaign per channel: cursor, counts, status, timings."""
+    from shared.db import unit_of_work
+    from shared.runtime import Runtime
+    from web.api import campaign_status
+
+    rt = Runtime(load_settings("database_url"))
+    with unit_of_work(rt.engine) as conn:
+        status = campaign_status(conn, campaign_id)
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    click.echo(f"campaign {campaign_id}: {status['status']}")
+    header = f"{'run':>6} {'channel':>8} {'status':<9} {'cursor':>8} {'fetched':>8} {'claimed':>8} " \
+             f"{'dup':>8} {'granted':>8} {'rejected':>8} {'failed':>7} {'secs':>7}"
+    click.echo(header)
+    for r in status["runs"]:
+        click.echo(f"{r['run_id']:>6} {str(r['channel_id']):>8} {r['status']:<9} {r['cursor']:>8} "
+                   f"{r['fetched']:>8} {r['claimed']:>8} {r['duplicates_skipped']:>8} {r['granted']:>8} "
+                   f"{r['rejected']:>8} {r['failed']:>7} {r['seconds']:>7.1f}")
+        if r["last_error"]:
+            click.echo(f"{'':>6} last error: {r['last_error']}")
+    t = status["totals"]
+    click.echo(f"totals: fetched {t['fetched']}, claimed {t['claimed']}, skipped as already granted "
+               f"{t['duplicates_skipped']}, granted {t['granted']}, rejected {t['rejected']}, failed {t['failed']}")
+
+
+@main.group()
+def grants() -> None:
+    """The grant ledger."""
+
+
+@grants.command("redrive")
+@click.argument("campaign_id", type=int)
+def grants_redrive(campaign_id: int) -> None:
+    """Send a campaign's failed grants again (same idempotency keys)."""
+    from shared import dispatch, repository as repo
+    from shared.db import unit_of_work
+    from workers.app import publish
+
+    app, settings = _celery()
+    with unit_of_work(app.relay_runtime.engine) as conn:
+        rows = repo.redrive_failed_grants(conn, campaign_id)
+    per_run: dict = {}
+    for run_id, grant_id in rows:
+        per_run.setdefault(run_id, []).append(grant_id)
+    size = settings.bonus_batch_size
+    publish(app, [dispatch.grant_batch(run_id, ids[i:i + size])
+                  for run_id, ids in per_run.items() for i in range(0, len(ids), size)])
+    click.echo(f"re-driving {len(rows)} failed grant(s) of campaign {campaign_id}")
+
+
+from cli.simulate import simulate  # noqa: E402
+
+main.add_command(simulate)
+
+if __name__ == "__main__":
+    main()

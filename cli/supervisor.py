@@ -1,0 +1,220 @@
+"""`relay up`: start the stores (embedded when no URLs are set), migrate, run every process, stop them all.
+
+Children run in their own sessions so a stop can take down each whole process tree; their output
+is prefixed and coloured. Ctrl-C or SIGTERM stops every child and every server this started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from shared.settings import Settings
+
+COLOURS = {"web": 32, "worker": 34, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
+
+
+def say(name: str, line: str) -> None:
+    """Print one prefixed (and, on a terminal, coloured) line."""
+    colour = COLOURS.get(name, 37)
+    prefix = f"{name:<9}|"
+    if sys.stdout.isatty():
+        prefix = f"\033[{colour}m{prefix}\033[0m"
+    sys.stdout.write(f"{prefix} {line.rstrip()}\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            say(self.name, line)
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def load_secrets(data_dir: Path) -> dict[str, str]:
+    """Generated secrets of this data folder (listener token, admin password, simulator key), kept for reuse."""
+    path = data_dir / "secrets.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("listener_token", "admin_password", "simulator_api_key"):
+        current.setdefault(key, secrets.token_urlsafe(24))
+    path.write_text(json.dumps(current))
+    path.chmod(0o600)
+    return current
+
+
+class Supervisor:
+    """Owns the stores and children of one `relay up`."""
+
+    def __init__(self, settings: Settings, data_dir: Path, port: int, flower_port: int, workers: int,
+                 simulator: bool | None):
+        self.settings = settings
+        self.data_dir = data_dir.absolute()
+        self.port = port
+        self.flower_port = flower_port
+        self.workers = workers
+        self.attach_simulator = (not settings.optimove_api_url) if simulator is None else simulator
+        self.pg: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+        self.children: list[Child] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> int:
+        """Start everything, wait for a stop signal or a dead child, stop everything; return the exit code."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        code = 0
+        try:
+            self._start()
+            while not self.stopping.wait(0.5):
+                dead = [c for c in self.children if c.proc.poll() is not None]
+                if dead:
+                    say("relay", f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping everything")
+                    code = 1
+                    break
+        except Exception as exc:
+            say("relay", f"start failed: {exc}")
+            code = 1
+        finally:
+            self._stop()
+        return code
+
+    def _start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        generated = load_secrets(self.data_dir)
+        env = dict(os.environ)
+        env.update(self.settings.to_env())
+        if not self.settings.database_url:
+            self.pg = EmbeddedPostgres(self.data_dir)
+            env["DATABASE_URL"] = self.pg.start()
+            say("relay", f"embedded Postgres on 127.0.0.1:{self.pg.port} (data in {self.pg.pgdata})")
+        if not self.settings.redis_url:
+            self.redis = EmbeddedRedis(self.data_dir)
+            env["REDIS_URL"] = self.redis.start()
+            say("relay", f"embedded Redis on 127.0.0.1:{self.redis.port} (AOF in {self.redis.dir})")
+        from shared.db import upgrade
+
+        upgrade(env["DATABASE_URL"])
+        say("relay", "database migrated")
+        token = self.settings.listener_tokens[0].get() if self.settings.listener_tokens else None
+        if token is None:
+            token = generated["listener_token"]
+            env["RELAY_LISTENER_TOKENS"] = token
+        password = self.settings.admin_password.get() if self.settings.admin_password else None
+        if password is None:
+            password = generated["admin_password"]
+            env["RELAY_ADMIN_PASSWORD"] = password
+        if self.attach_simulator:
+            self._start_simulator(env, generated["simulator_api_key"])
+        env["PYTHONUNBUFFERED"] = "1"
+        relay = [sys.executable, "-m", "cli.main"]
+        self.flower_port = free_port(self.flower_port)
+        self.children += [
+            Child("web", relay + ["web", "--port", str(self.port)]),
+            Child("worker", relay + ["worker", "--concurrency", str(self.workers)]),
+            Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
+            Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
+        ]
+        for child in self.children:
+            child.start(env)
+        self._wait_ready()
+        base = f"http://127.0.0.1:{self.port}"
+        lines = [
+            f"relay is up: {base}",
+            f"  listener : {base}/optimove/events?token={token}",
+            f"  status   : {base}/api/campaigns/<id>  (user {self.settings.admin_user}, password {password})",
+            f"  flower   : http://127.0.0.1:{self.flower_port}",
+            f"  metrics  : {base}/metrics",
+        ]
+        if self.attach_simulator:
+            lines += ["  simulator: fake Optimove and fake bonus system attached (no OPTIMOVE_API_URL set)",
+                      "  try it   : relay simulate campaign --data-dir " + str(self.data_dir)]
+        lines.append("Ctrl-C stops everything.")
+        for line in lines:
+            say("relay", line)
+        (self.data_dir / "up.json").write_text(json.dumps({
+            "url": base, "listener_url": f"{base}/optimove/events?token={token}",
+            "admin_user": self.settings.admin_user, "admin_password": password,
+            "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(),
+            **getattr(self, "simulator_info", {}),
+        }))
+
+    def _start_simulator(self, env: dict[str, str], api_key: str) -> None:
+        ready = self.data_dir / "simulator.json"
+        ready.unlink(missing_ok=True)
+        child = Child("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
+                                    "--bonus-port", "0", "--api-key", api_key, "--ready-file", str(ready)])
+        child.start(dict(env, PYTHONUNBUFFERED="1"))
+        self.children.append(child)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if time.monotonic() > deadline or child.proc.poll() is not None:
+                raise RuntimeError("the simulator did not start")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.simulator_info = {"simulator": info}
+        env.update({"OPTIMOVE_API_URL": info["optimove_url"], "OPTIMOVE_API_KEY": api_key,
+                    "BONUS_ADAPTER": "http", "BONUS_URL": info["bonus_url"]})
+        if env.get("BONUS_MODE") == "single":
+            env["BONUS_URL"] = info["bonus_single_url"]
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        wait_for_port(self.port, timeout, self.children[0].proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("the relay did not become ready")
+
+    def _stop(self) -> None:
+        say("relay", "stopping")
+        for child in self.children:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say("relay", f"{child.name} did not stop in time; killing it")
+            child.signal_group(signal.SIGKILL)  # leftovers of the group (pool children, gunicorn workers)
+            if child.proc.poll() is None:
+                child.proc.wait(5)
+        if self.redis:
+            self.redis.stop()
+        if self.pg:
+            self.pg.stop()
+        say("relay", "stopped")

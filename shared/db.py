@@ -1,0 +1,78 @@
+"""Database plumbing: engines, units of work and Alembic migrations.
+
+SQL statements live in `shared.repository`; this module only opens connections and
+transactions and runs migrations.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class DatabaseUnavailable(Exception):
+    """Postgres could not be reached or refused the write."""
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Normalise a `postgres://`/`postgresql://` URL to the psycopg2 dialect."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else url
+
+
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine with short connect timeouts so an outage fails fast instead of hanging."""
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 3, "application_name": f"relay-{os.getpid()}"},
+    )
+
+
+@contextlib.contextmanager
+def unit_of_work(engine: Engine) -> Iterator[Connection]:
+    """One transaction: committed when the block ends normally, rolled back otherwise."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except sa.exc.OperationalError as exc:
+        raise DatabaseUnavailable(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from exc
+
+
+def alembic_config(url: str):
+    """An Alembic config pointing at the packaged migrations and `url`."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to `revision` (idempotent; concurrent callers serialise on an advisory lock)."""
+    from alembic import command
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(724311)"))
+            try:
+                cfg = alembic_config(url)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                conn.commit()
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(724311)"))
+                conn.commit()
+    finally:
+        engine.dispose()

@@ -1,0 +1,96 @@
+"""Customer rows from Optimove's campaign customer lists, parsed leniently.
+
+Optimove's casing and shapes vary (`CustomerID`/`customerId`, `ScheduleTime`/`ScheduledTime`,
+`PromoCode` as a comma-separated string or a list, `CustomerAttributes` as an array or
+`CustomerAttribute` as a joined string), so every variant seen in the wild is accepted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass
+class ExecutionRow:
+    """One customer of a campaign execution (GetCustomerExecutionDetailsByCampaign and friends)."""
+
+    customer_id: str
+    promo_codes: list[str]
+    channel_id: int | None = None
+    template_id: int | None = None
+    action_id: int | None = None
+    schedule_time: str | None = None
+    attributes: list | None = None
+
+
+def _lower_keys(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k).lower().replace("_", ""): v for k, v in row.items()}
+
+
+def _first(row: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    return None
+
+
+def parse_int(value: Any) -> int | None:
+    """An int from an int or a numeric string (`"504"`, `" 7 "`, `12.0`); None otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def parse_promo_codes(value: Any) -> list[str]:
+    """Promo codes from a comma-separated string or a list: trimmed, blanks dropped, order kept, no repeats."""
+    if value is None:
+        return []
+    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value if v is not None]
+    codes: list[str] = []
+    for part in parts:
+        code = part.strip()
+        if code and code not in codes:
+            codes.append(code)
+    return codes
+
+
+def _attributes(row: dict[str, Any], delimiter: str) -> list | None:
+    value = _first(row, "customerattributes", "customerattribute")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.split(delimiter)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def parse_execution_row(row: Mapping[str, Any], delimiter: str = ";") -> ExecutionRow | None:
+    """An `ExecutionRow` from one API row, or None when the row has no usable CustomerID.
+
+    `delimiter` splits a `CustomerAttribute(s)` value that arrives as one joined string.
+    """
+    if not isinstance(row, Mapping):
+        return None
+    data = _lower_keys(row)
+    raw_id = data.get("customerid")
+    if raw_id is None or isinstance(raw_id, bool) or isinstance(raw_id, (dict, list)):
+        return None
+    customer_id = str(raw_id).strip()
+    if not customer_id:
+        return None
+    schedule = _first(data, "scheduletime", "scheduledtime")
+    return ExecutionRow(
+        customer_id=customer_id,
+        promo_codes=parse_promo_codes(_first(data, "promocode", "promocodes")),
+        channel_id=parse_int(data.get("channelid")),
+        template_id=parse_int(data.get("templateid")),
+        action_id=parse_int(data.get("actionid")),
+        schedule_time=(str(schedule).strip() or None) if schedule is not None else None,
+        attributes=_attributes(data, delimiter),
+    )

@@ -1,0 +1,290 @@
+"""All SQL of the relay. Functions take an open connection; the caller owns the transaction."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import sqlalchemy as sa
+from psycopg2.extras import execute_values
+from sqlalchemy.engine import Connection
+
+from shared.schemas import Notification
+
+
+def _raw(conn: Connection):
+    """The psycopg2 cursor of `conn` (same transaction), for bulk statements."""
+    return conn.connection.driver_connection.cursor()
+
+
+def _rows(result) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in result]
+
+
+# -- notifications -------------------------------------------------------------------------
+
+def insert_notification(conn: Connection, n: Notification, payload: Any, raw_body: str) -> tuple[int, bool]:
+    """Store a notification once per dedupe key; return (id, created)."""
+    row = conn.execute(sa.text("""
+        INSERT INTO notifications (event_type, campaign_id, channel_id, dedupe_key, payload, raw_body)
+        VALUES (:event_type, :campaign_id, :channel_id, :dedupe_key, CAST(:payload AS jsonb), :raw_body)
+        ON CONFLICT (dedupe_key) DO NOTHING
+        RETURNING id"""), {
+        "event_type": n.event_type, "campaign_id": n.campaign_id, "channel_id": n.channel_id,
+        "dedupe_key": n.dedupe_key, "payload": json.dumps(payload), "raw_body": raw_body,
+    }).first()
+    if row:
+        return row.id, True
+    existing = conn.execute(sa.text("SELECT id FROM notifications WHERE dedupe_key = :k"),
+                            {"k": n.dedupe_key}).scalar_one()
+    return existing, False
+
+
+def start_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:
+    """Mark an unfinished notification `processing`, count the attempt, and return it (None if finished)."""
+    row = conn.execute(sa.text("""
+        UPDATE notifications SET status = 'processing', attempts = attempts + 1, updated_at = now()
+        WHERE id = :id AND status IN ('received', 'processing')
+        RETURNING id, event_type, campaign_id, channel_id, payload, attempts"""),
+        {"id": notification_id}).first()
+    return dict(row._mapping) if row else None
+
+
+def finish_notification(conn: Connection, notification_id: int, status: str, error: str | None = None) -> None:
+    """Record the outcome (`done`, `ignored`, `failed`) of a notification."""
+    conn.execute(sa.text("""
+        UPDATE notifications SET status = :status, last_error = :error, updated_at = now(), processed_at = now()
+        WHERE id = :id"""), {"id": notification_id, "status": status, "error": error})
+
+
+def note_notification_error(conn: Connection, notification_id: int, error: str) -> None:
+    """Keep the last error of a notification that will be tried again."""
+    conn.execute(sa.text("UPDATE notifications SET last_error = :e, updated_at = now() WHERE id = :id"),
+                 {"id": notification_id, "e": error[:2000]})
+
+
+def get_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:
+    """One notification row."""
+    row = conn.execute(sa.text("SELECT * FROM notifications WHERE id = :id"), {"id": notification_id}).first()
+    return dict(row._mapping) if row else None
+
+
+def claim_stale_notifications(conn: Connection, older_than_s: float, limit: int = 1000) -> list[dict[str, Any]]:
+    """Unfinished notifications untouched for `older_than_s`; their clock is reset so one sweep takes each."""
+    return _rows(conn.execute(sa.text("""
+        UPDATE notifications SET updated_at = now()
+        WHERE id IN (SELECT id FROM notifications
+                     WHERE status IN ('received', 'processing')
+                       AND updated_at < now() - make_interval(secs => :age)
+                     ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING id, event_type"""), {"age": older_than_s, "limit": limit}))
+
+
+def notification_counts(conn: Connection) -> list[tuple[int, str, int]]:
+    """(event_type, status, count) over the inbox."""
+    return [tuple(r) for r in conn.execute(sa.text(
+        "SELECT event_type, status, count(*) FROM notifications GROUP BY 1, 2 ORDER BY 1, 2"))]
+
+
+def count_notifications(conn: Connection) -> int:
+    """Number of rows in the inbox."""
+    return conn.execute(sa.text("SELECT count(*) FROM notifications")).scalar_one()
+
+
+# -- campaign runs -------------------------------------------------------------------------
+
+RUN_COLUMNS = ("id, notification_id, flow, campaign_id, channel_id, status, cursor, fetch_done, pages_fetched, "
+               "fetched, claimed, duplicates_skipped, granted, rejected, failed, attempts, last_error, "
+               "created_at, updated_at, finished_at")
+
+
+def create_run(conn: Connection, notification_id: int, flow: str, campaign_id: int,
+               channel_id: int | None) -> tuple[int, bool]:
+    """One run per (notification, flow); return (run id, created)."""
+    row = conn.execute(sa.text("""
+        INSERT INTO campaign_runs (notification_id, flow, campaign_id, channel_id)
+        VALUES (:n, :flow, :campaign, :channel)
+        ON CONFLICT (notification_id, flow) DO NOTHING RETURNING id"""),
+        {"n": notification_id, "flow": flow, "campaign": campaign_id, "channel": channel_id}).first()
+    if row:
+        return row.id, True
+    return conn.execute(sa.text("SELECT id FROM campaign_runs WHERE notification_id = :n AND flow = :flow"),
+                        {"n": notification_id, "flow": flow}).scalar_one(), False
+
+
+def get_run(conn: Connection, run_id: int, lock: bool = False) -> dict[str, Any] | None:
+    """One run; with `lock` the row is locked until the transaction ends."""
+    row = conn.execute(sa.text(f"SELECT {RUN_COLUMNS} FROM campaign_runs WHERE id = :id"
+                               + (" FOR UPDATE" if lock else "")), {"id": run_id}).first()
+    return dict(row._mapping) if row else None
+
+
+def advance_run(conn: Connection, run_id: int, *, rows: int, claimed: int, duplicates: int,
+                fetch_done: bool) -> None:
+    """Move the page cursor past `rows` and add the page's counts (same transaction as the claim)."""
+    conn.execute(sa.text("""
+        UPDATE campaign_runs
+        SET cursor = cursor + :rows, pages_fetched = pages_fetched + 1, fetched = fetched + :rows,
+            claimed = claimed + :claimed, duplicates_skipped = duplicates_skipped + :dups,
+            fetch_done = fetch_done OR :done, attempts = 0, last_error = NULL, updated_at = now()
+        WHERE id = :id"""), {"id": run_id, "rows": rows, "claimed": claimed, "dups": duplicates, "done": fetch_done})
+
+
+def touch_run(conn: Connection, run_id: int, error: str | None = None, count_attempt: bool = False) -> int:
+    """Heartbeat a waiting run (and note an error); return its attempt count."""
+    return conn.execute(sa.text("""
+        UPDATE campaign_runs SET updated_at = now(), last_error = COALESCE(:e, last_error),
+               attempts = attempts + CASE WHEN :count THEN 1 ELSE 0 END
+        WHERE id = :id RETURNING attempts"""), {"id": run_id, "e": error, "count": count_attempt}).scalar_one()
+
+
+def fail_run(conn: Connection, run_id: int, reason: str) -> None:
+    """Park a run whose pages cannot be fetched (permanent error or too many attempts)."""
+    conn.execute(sa.text("""
+        UPDATE campaign_runs SET status = 'failed', last_error = :r, updated_at = now(), finished_at = now()
+        WHERE id = :id AND status = 'running'"""), {"id": run_id, "r": reason[:2000]})
+
+
+def finish_run_if_complete(conn: Connection, run_id: int) -> bool:
+    """Mark a run `done` once all pages are fetched and no grant of it is still claimed."""
+    return conn.execute(sa.text("""
+        UPDATE campaign_runs SET status = 'done', finished_at = now(), updated_at = now()
+        WHERE id = :id AND status = 'running' AND fetch_done
+          AND NOT EXISTS (SELECT 1 FROM grants WHERE run_id = :id AND status = 'claimed')
+        RETURNING id"""), {"id": run_id}).first() is not None
+
+
+def runs_for_campaign(conn: Connection, campaign_id: int) -> list[dict[str, Any]]:
+    """Every run of a campaign, oldest first."""
+    return _rows(conn.execute(sa.text(
+        f"SELECT {RUN_COLUMNS} FROM campaign_runs WHERE campaign_id = :c ORDER BY id"), {"c": campaign_id}))
+
+
+def claim_stale_runs(conn: Connection, older_than_s: float, limit: int = 500) -> list[dict[str, Any]]:
+    """Running runs untouched for `older_than_s` (their task was lost); the clock is reset."""
+    return _rows(conn.execute(sa.text("""
+        UPDATE campaign_runs SET updated_at = now()
+        WHERE id IN (SELECT id FROM campaign_runs
+                     WHERE status = 'running' AND updated_at < now() - make_interval(secs => :age)
+                     ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING id, fetch_done"""), {"age": older_than_s, "limit": limit}))
+
+
+# -- grant ledger --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClaimedGrant:
+    """A ledger row that this caller owns and must deliver."""
+
+    id: int
+    campaign_id: int
+    channel_id: int | None
+    customer_id: str
+    promo_code: str
+    source: str
+    attempts: int
+
+
+def claim_grants(conn: Connection, *, run_id: int | None, campaign_id: int, channel_id: int | None,
+                 source: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """Claim (customer, promo) pairs of a campaign in one statement; return the ids this call claimed.
+
+    Pairs already in the ledger (another channel, a duplicate notification) are skipped by the
+    unique constraint, not by a check, so concurrent claimers never both win.
+    """
+    if not pairs:
+        return []
+    cur = _raw(conn)
+    rows = execute_values(cur, """
+        INSERT INTO grants (campaign_id, customer_id, promo_code, channel_id, run_id, source)
+        VALUES %s ON CONFLICT ON CONSTRAINT grants_once_per_campaign DO NOTHING RETURNING id""",
+        [(campaign_id, customer, promo, channel_id, run_id, source) for customer, promo in pairs],
+        page_size=max(len(pairs), 1), fetch=True)
+    return [r[0] for r in rows]
+
+
+def claimed_grants(conn: Connection, ids: Iterable[int]) -> list[ClaimedGrant]:
+    """The rows among `ids` that are still `claimed` (already settled ones are left out)."""
+    ids = list(ids)
+    if not ids:
+        return []
+    return [ClaimedGrant(**dict(r._mapping)) for r in conn.execute(sa.text("""
+        SELECT id, campaign_id, channel_id, customer_id, promo_code, source, attempts
+        FROM grants WHERE id = ANY(:ids) AND status = 'claimed' ORDER BY id"""), {"ids": ids})]
+
+
+@dataclass
+class Settlement:
+    """How many grants of one batch moved to each final state."""
+
+    granted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    retry_ids: list[int] | None = None
+
+
+def settle_grants(conn: Connection, run_id: int | None, *, granted: Sequence[tuple[int, str | None]],
+                  rejected: Sequence[tuple[int, str]], retry: Sequence[tuple[int, str]],
+                  max_attempts: int) -> Settlement:
+    """Record a bonus-system reply; only `claimed` rows move, so a replayed batch counts nothing twice."""
+    cur = _raw(conn)
+    out = Settlement(retry_ids=[])
+    if granted:
+        out.granted = len(execute_values(cur, """
+            UPDATE grants g SET status = 'granted', reference = v.ref, attempts = g.attempts + 1,
+                   reason = NULL, updated_at = now()
+            FROM (VALUES %s) AS v(id, ref) WHERE g.id = v.id AND g.status = 'claimed' RETURNING g.id""",
+            [(i, ref) for i, ref in granted], template="(%s::bigint, %s::text)", page_size=len(granted), fetch=True))
+    if rejected:
+        out.rejected = len(execute_values(cur, """
+            UPDATE grants g SET status = 'rejected', reason = v.reason, attempts = g.attempts + 1, updated_at = now()
+            FROM (VALUES %s) AS v(id, reason) WHERE g.id = v.id AND g.status = 'claimed' RETURNING g.id""",
+            [(i, r[:1000]) for i, r in rejected], template="(%s::bigint, %s::text)", page_size=len(rejected),
+            fetch=True))
+    if retry:
+        rows = execute_values(cur, f"""
+            UPDATE grants g SET attempts = g.attempts + 1, reason = v.reason, updated_at = now(),
+                   status = CASE WHEN g.attempts + 1 >= {int(max_attempts)} THEN 'failed' ELSE 'claimed' END
+            FROM (VALUES %s) AS v(id, reason) WHERE g.id = v.id AND g.status = 'claimed'
+            RETURNING g.id, g.status""",
+            [(i, r[:1000]) for i, r in retry], template="(%s::bigint, %s::text)", page_size=len(retry), fetch=True)
+        out.failed = sum(1 for _, status in rows if status == "failed")
+        out.retry_ids = [i for i, status in rows if status == "claimed"]
+    if run_id is not None and (out.granted or out.rejected or out.failed):
+        conn.execute(sa.text("""
+            UPDATE campaign_runs SET granted = granted + :g, rejected = rejected + :r, failed = failed + :f,
+                   updated_at = now() WHERE id = :id"""),
+                     {"id": run_id, "g": out.granted, "r": out.rejected, "f": out.failed})
+    return out
+
+
+def claim_stale_grants(conn: Connection, older_than_s: float, limit: int = 10_000) -> list[tuple[int | None, int]]:
+    """(run_id, grant id) of claimed grants untouched for `older_than_s`; their clock is reset."""
+    return [tuple(r) for r in conn.execute(sa.text("""
+        UPDATE grants SET updated_at = now()
+        WHERE id IN (SELECT id FROM grants WHERE status = 'claimed'
+                       AND updated_at < now() - make_interval(secs => :age)
+                     ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING run_id, id"""), {"age": older_than_s, "limit": limit})]
+
+
+def redrive_failed_grants(conn: Connection, campaign_id: int) -> list[tuple[int | None, int]]:
+    """Put a campaign's failed grants back to `claimed` with fresh attempts; return (run_id, id)."""
+    rows = [tuple(r) for r in conn.execute(sa.text("""
+        UPDATE grants SET status = 'claimed', attempts = 0, updated_at = now()
+        WHERE campaign_id = :c AND status = 'failed' RETURNING run_id, id"""), {"c": campaign_id})]
+    per_run: dict[int, int] = {}
+    for run_id, _ in rows:
+        if run_id is not None:
+            per_run[run_id] = per_run.get(run_id, 0) + 1
+    for run_id, n in per_run.items():
+        conn.execute(sa.text("""
+            UPDATE campaign_runs SET failed = failed - :n, status = 'running', finished_at = NULL,
+                   updated_at = now() WHERE id = :id AND fetch_done"""), {"id": run_id, "n": n})
+    return rows
+
+
+def grant_counts(conn: Connection, campaign_id: int) -> dict[str, int]:
+    """Ledger rows of a campaign by status."""
+    return {s: n for s, n in conn.execute(sa.text(
+        "SELECT status, count(*) FROM grants WHERE campaign_id = :c GROUP BY status"), {"c": campaign_id})}

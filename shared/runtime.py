@@ -1,0 +1,70 @@
+"""Per-process resources built from the settings: engine, Redis, Optimove client, bonus adapter.
+
+Created lazily and re-created after a fork, so a Celery prefork child never shares its parent's
+sockets.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from shared.settings import Settings
+
+
+class Runtime:
+    """The resources one process needs, built on first use."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._pid = os.getpid()
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            for name in ("engine", "redis", "optimove", "bonus", "limiter"):
+                self.__dict__.pop(name, None)
+            self._pid = os.getpid()
+
+    def __getattribute__(self, name):
+        if name in ("engine", "redis", "optimove", "bonus", "limiter"):
+            object.__getattribute__(self, "_check_fork")()
+        return object.__getattribute__(self, name)
+
+    @cached_property
+    def engine(self):
+        """The SQLAlchemy engine of this process."""
+        from shared.db import make_engine
+
+        self.settings.require("database_url")
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def redis(self):
+        """A Redis client for the rate limiter (same server as the broker)."""
+        import redis
+
+        self.settings.require("redis_url")
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+
+    @cached_property
+    def limiter(self):
+        """The Optimove rate limiter shared by every worker through Redis."""
+        from shared.optimove.limiter import RateLimiter
+
+        self.settings.require("optimove_api_key")
+        return RateLimiter(self.redis, self.settings.optimove_api_key, self.settings.optimove_rate_limit)
+
+    @cached_property
+    def optimove(self):
+        """The Optimove API client, rate limited."""
+        from shared.optimove.client import OptimoveClient
+
+        s = self.settings.require("optimove_api_url", "optimove_api_key")
+        return OptimoveClient(s.optimove_api_url, s.optimove_api_key, timeout=s.optimove_timeout,
+                              limiter=self.limiter)
+
+    @cached_property
+    def bonus(self):
+        """The configured bonus adapter."""
+        from shared.adapters.bonus import load_bonus_adapter
+
+        return load_bonus_adapter(self.settings)

@@ -1,0 +1,288 @@
+"""The relay's settings: read from the environment once at start-up and validated.
+
+Every process (web, worker, beat, CLI) builds one `Settings` with `Settings.from_env()`.
+Nothing else in the code base reads `os.environ` for configuration. A missing or malformed
+variable raises `SettingsError`, whose message names every bad variable and what is expected.
+Secrets are wrapped in `Secret`, whose `repr`/`str` never show the value.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+
+class SettingsError(Exception):
+    """One or more environment variables are missing or malformed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        """Return the secret value; call only where it is sent, never where it is logged."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`count` requests per `seconds` seconds (sliding window)."""
+
+    count: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.seconds:g}s"
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Per-channel roles: which channels grant bonuses and which send through a platform."""
+
+    roles: dict[int, str] = field(default_factory=dict)
+    default_role: str = "bonus"
+
+    def role(self, channel_id: int | None) -> str:
+        """The role of `channel_id` (`bonus` or `send`), the default one when not listed."""
+        if channel_id is None:
+            return self.default_role
+        return self.roles.get(int(channel_id), self.default_role)
+
+
+ROLES = ("bonus", "send")
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme.split("+")[0] not in schemes or not (parts.netloc or parts.path):
+            raise ValueError(f"a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+    return parse
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"an integer >= {lo}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"an integer between {lo} and {hi}" if hi else f"an integer >= {lo}")
+        return value
+    return parse
+
+
+def _float(lo: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"a number >= {lo:g}") from None
+        if value < lo:
+            raise ValueError(f"a number >= {lo:g}")
+        return value
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return value
+    return parse
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h)?\s*$")
+
+
+def parse_rate_limit(raw: str) -> RateLimit:
+    """Parse `50/10s`, `50/10`, `2000/1h`, `100/m` into a `RateLimit`."""
+    match = _RATE.match(raw)
+    if not match or int(match.group(1)) < 1:
+        raise ValueError("a rate such as 50/10s (requests per window; units s, m or h)")
+    amount = float(match.group(2) or 1)
+    unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[match.group(3) or "s"]
+    if amount * unit <= 0:
+        raise ValueError("a rate with a window longer than zero")
+    return RateLimit(int(match.group(1)), amount * unit)
+
+
+def _tokens(raw: str) -> tuple[Secret, ...]:
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not tokens:
+        raise ValueError("one or more tokens separated by commas")
+    short = [t for t in tokens if len(t) < 16]
+    if short:
+        raise ValueError("tokens of at least 16 characters (a long random secret)")
+    return tuple(Secret(t) for t in tokens)
+
+
+def _secret(raw: str) -> Secret:
+    if not raw.strip():
+        raise ValueError("a non-empty value")
+    return Secret(raw.strip())
+
+
+def _header(raw: str) -> Secret:
+    name, sep, value = raw.partition(":")
+    if not sep or not name.strip() or not value.strip() or not re.match(r"^[A-Za-z0-9-]+$", name.strip()):
+        raise ValueError("a header line 'Name: value', e.g. 'Authorization: Bearer abc'")
+    return Secret(raw.strip())
+
+
+def load_channel_config(path: str) -> ChannelConfig:
+    """Read the channel config file (JSON): `{"default_role": "bonus", "channels": {"504": {"role": "send"}}}`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"an existing JSON file (no file at {path})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError("a JSON object with 'channels'")
+    default = data.get("default_role", "bonus")
+    roles: dict[int, str] = {}
+    for key, entry in (data.get("channels") or {}).items():
+        role = entry.get("role") if isinstance(entry, dict) else entry
+        if role not in ROLES or not str(key).strip().isdigit():
+            raise ValueError(f"channel {key!r}: a numeric channel id with role one of {', '.join(ROLES)}")
+        roles[int(key)] = role
+    if default not in ROLES:
+        raise ValueError(f"default_role one of {', '.join(ROLES)}")
+    return ChannelConfig(roles=roles, default_role=default)
+
+
+def _opt(env: str, parse: Callable[[str], Any] | None = None, default: Any = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse or (lambda s: s.strip()), "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the relay. Field metadata names the environment variable."""
+
+    database_url: str | None = _opt("DATABASE_URL", _url(("postgresql", "postgres")),
+                                     doc="Postgres URL; unset means `relay up` starts an embedded one")
+    redis_url: str | None = _opt("REDIS_URL", _url(("redis", "rediss", "unix", "amqp")),
+                                 doc="Celery broker and rate-limit store; unset means `relay up` starts an embedded Redis")
+    listener_tokens: tuple[Secret, ...] = _opt("RELAY_LISTENER_TOKENS", _tokens, (),
+                                               doc="comma-separated listener secrets (>=16 chars each)")
+    public_url: str | None = _opt("RELAY_PUBLIC_URL", _url(("http", "https")),
+                                  doc="public base URL of the listener (for registration and display)")
+    max_body_bytes: int = _opt("RELAY_MAX_BODY_BYTES", _int(256), 1024 * 1024, "largest accepted body")
+    sweep_after_seconds: float = _opt("RELAY_SWEEP_AFTER", _float(1), 60.0,
+                                      "age after which unfinished work is re-driven")
+    sweep_interval_seconds: float = _opt("RELAY_SWEEP_INTERVAL", _float(1), 30.0, "how often beat runs the sweeper")
+    max_attempts: int = _opt("RELAY_MAX_ATTEMPTS", _int(1, 100), 5, "attempts per notification before it is parked")
+    visibility_timeout: int = _opt("RELAY_VISIBILITY_TIMEOUT", _int(10), 1800,
+                                   "seconds before Redis redelivers an unacked task")
+    admin_user: str = _opt("RELAY_ADMIN_USER", None, "admin", "basic-auth user for /api/")
+    admin_password: Secret | None = _opt("RELAY_ADMIN_PASSWORD", _secret, doc="basic-auth password for /api/")
+    channel_config_path: str | None = _opt("RELAY_CHANNEL_CONFIG", doc="path of the channel roles JSON file")
+    log_level: str = _opt("RELAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
+    optimove_api_url: str | None = _opt("OPTIMOVE_API_URL", _url(("http", "https")),
+                                        doc="Optimove API base, e.g. https://api5.optimove.net/current")
+    optimove_api_key: Secret | None = _opt("OPTIMOVE_API_KEY", _secret, doc="Optimove X-API-KEY")
+    optimove_rate_limit: RateLimit = _opt("OPTIMOVE_RATE_LIMIT", parse_rate_limit, RateLimit(50, 10.0))
+    optimove_page_size: int = _opt("OPTIMOVE_PAGE_SIZE", _int(1, 1_000_000), 10_000)
+    optimove_timeout: float = _opt("OPTIMOVE_TIMEOUT", _float(0.1), 30.0, "seconds per Optimove call")
+    optimove_max_attempts: int = _opt("OPTIMOVE_MAX_ATTEMPTS", _int(1, 100), 8)
+    bonus_adapter: str = _opt("BONUS_ADAPTER", None, "http", "bonus adapter name (entry point)")
+    bonus_url: str | None = _opt("BONUS_URL", _url(("http", "https")), doc="bonus system endpoint")
+    bonus_mode: str = _opt("BONUS_MODE", _choice("batch", "single"), "batch")
+    bonus_batch_size: int = _opt("BONUS_BATCH_SIZE", _int(1, 100_000), 500)
+    bonus_concurrency: int = _opt("BONUS_CONCURRENCY", _int(1, 256), 16)
+    bonus_max_attempts: int = _opt("BONUS_MAX_ATTEMPTS", _int(1, 100), 8)
+    bonus_timeout: float = _opt("BONUS_TIMEOUT", _float(0.1), 10.0)
+    bonus_auth_header: Secret | None = _opt("BONUS_AUTH_HEADER", _header, doc="'Name: value' sent to the bonus system")
+    flower_basic_auth: Secret | None = _opt("FLOWER_BASIC_AUTH", _secret, doc="user:password for Flower")
+    channels: ChannelConfig = field(default_factory=ChannelConfig)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build and validate settings from `environ` (default `os.environ`)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in fields(cls):
+            env = f.metadata.get("env")
+            if not env or env not in environ or environ[env] == "":
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](environ[env])
+            except ValueError as exc:
+                problems.append(f"{env}: expected {exc}")
+        path = environ.get("RELAY_CHANNEL_CONFIG")
+        if path:
+            try:
+                values["channels"] = load_channel_config(path)
+            except ValueError as exc:
+                problems.append(f"RELAY_CHANNEL_CONFIG: expected {exc}")
+        if bool(values.get("optimove_api_url")) != bool(values.get("optimove_api_key")):
+            problems.append("OPTIMOVE_API_URL and OPTIMOVE_API_KEY: expected both set or both unset")
+        if problems:
+            raise SettingsError(problems)
+        values.update(overrides)
+        return cls(**values)
+
+    def require(self, *names: str) -> "Settings":
+        """Raise `SettingsError` naming each of `names` (field names) that is unset."""
+        env = {f.name: f.metadata.get("env", f.name) for f in fields(self)}
+        missing = [f"{env[n]}: required here but not set" for n in names if not getattr(self, n)]
+        if missing:
+            raise SettingsError(missing)
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process (includes secrets)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            env = f.metadata.get("env")
+            value = getattr(self, f.name)
+            if not env or value is None or value == () or value == f.default:
+                continue
+            if isinstance(value, Secret):
+                value = value.get()
+            elif isinstance(value, tuple):
+                value = ",".join(v.get() if isinstance(v, Secret) else str(v) for v in value)
+            out[env] = str(value)
+        return out
+
+
+def documented_variables() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting; the README table is checked against it."""
+    rows = []
+    for f in fields(Settings):
+        env = f.metadata.get("env")
+        if env:
+            default = "" if f.default is None or f.default == () else str(f.default)
+            rows.append((env, default, f.metadata.get("doc", "")))
+    return rows

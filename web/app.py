@@ -1,0 +1,32 @@
+"""The web process: one `create_app` factory; each part registers itself with `init_app`."""
+from __future__ import annotations
+
+from flask import Flask
+
+from shared.logs import configure as configure_logging
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+
+def create_app(settings: Settings | None = None, celery=None) -> Flask:
+    """Build the Flask app from `settings` (default: the environment) and a Celery app for publishing."""
+    from web import api, errors, health, listener, metrics
+    from workers.app import create_celery
+
+    settings = settings or Settings.from_env()
+    settings.require("database_url", "redis_url")
+    configure_logging(settings.log_level)
+    app = Flask("relay")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["relay"] = Runtime(settings)
+    app.extensions["celery"] = celery or create_celery(settings)
+    for part in (errors, listener, api, health, metrics):
+        part.init_app(app)
+    return app
+
+
+def runtime() -> Runtime:
+    """The Runtime of the current app."""
+    from flask import current_app
+
+    return current_app.extensions["relay"]

@@ -1,0 +1,84 @@
+"""`POST /optimove/events`: identify, limit, validate, persist, enqueue, answer."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+from flask import Blueprint, Flask, current_app, jsonify, request
+
+from shared import dispatch, repository as repo
+from shared.db import unit_of_work
+from shared.schemas import parse_notification
+from web.app import runtime
+from web.errors import ApiError
+from web.metrics import LISTENER_LATENCY, LISTENER_RESPONSES
+
+log = logging.getLogger(__name__)
+bp = Blueprint("listener", __name__)
+
+
+def token_ok(given: str | None, tokens) -> bool:
+    """Constant-time check of `given` against every configured token (all compared, none short-cut)."""
+    if not given or not tokens:
+        return False
+    given_b = given.encode()
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given_b, token.get().encode())
+    return ok
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+@bp.post("/optimove/events")
+def receive():
+    """Store one Optimove notification and hand it to the workers."""
+    rt = runtime()
+    given = request.headers.get("X-Relay-Token") or request.args.get("token")
+    if not token_ok(given, rt.settings.listener_tokens):
+        raise ApiError(401, "unauthorized")
+    if request.content_length is not None and request.content_length > rt.settings.max_body_bytes:
+        raise ApiError(413, f"body too large (limit {rt.settings.max_body_bytes} bytes)")
+    if not _is_json(request.mimetype):
+        raise ApiError(415, "expected Content-Type application/json")
+    raw = request.get_data(cache=True)
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid notification", fields={"_body": [f"not valid JSON: {exc}"]}) from None
+    hint = request.args.get("EventTypeID") or request.args.get("event_type")
+    notification = parse_notification(body, hint)
+    with unit_of_work(rt.engine) as conn:
+        notification_id, created = repo.insert_notification(conn, notification, body, text)
+    if not created:
+        return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
+    try:
+        from workers.app import publish
+
+        publish(current_app.extensions["celery"],
+                [dispatch.process_notification(notification_id, notification.event_type)])
+    except Exception as exc:  # the row is committed; the sweeper enqueues it later
+        log.warning("notification %s stored but not enqueued (%s); the sweeper will retry",
+                    notification_id, type(exc).__name__)
+    return jsonify({"status": "accepted", "notification_id": notification_id}), 202
+
+
+def init_app(app: Flask) -> None:
+    """Register the listener and its latency/outcome metrics."""
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _start_timer():
+        request.environ["relay.start"] = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):
+        if request.endpoint == "listener.receive" or request.path == "/optimove/events":
+            LISTENER_LATENCY.observe(time.perf_counter() - request.environ.get("relay.start", time.perf_counter()))
+            LISTENER_RESPONSES.labels(code=str(response.status_code)).inc()
+        return response

@@ -1,0 +1,67 @@
+"""The Celery app, built from the same settings as the web app (reliability-notes.md)."""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+from kombu import Queue
+
+from shared import dispatch
+from shared.logs import configure as configure_logging
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings that keep acknowledged work from being lost or run twice in parallel."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+            "retry_on_timeout": True,
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": "notifications",
+        "task_queues": [Queue(name) for name in dispatch.QUEUES],
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                      "interval_max": 0.5},
+        "task_time_limit": max(60, settings.visibility_timeout // 2),
+        "task_soft_time_limit": max(50, settings.visibility_timeout // 2 - 10),
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "sweep": {"task": dispatch.SWEEP, "schedule": settings.sweep_interval_seconds,
+                      "options": {"queue": "notifications", "expires": settings.sweep_interval_seconds}},
+        },
+        "timezone": "UTC",
+    }
+
+
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings`, with the relay's tasks registered and a Runtime attached."""
+    app = Celery("relay", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    app.relay_runtime = Runtime(settings)
+    import workers.tasks  # noqa: F401  (registers the shared tasks)
+    import shared.flows  # noqa: F401  (registers handlers)
+    return app
+
+
+def publish(app: Celery, items: list[dispatch.Enqueue]) -> None:
+    """Send follow-up tasks (after the domain call has committed)."""
+    for item in items:
+        app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**kwargs):
+    configure_logging()

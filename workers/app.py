@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared import dispatch
 from shared.logs import configure as configure_logging
@@ -32,7 +32,9 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": "notifications",
-        "task_queues": [Queue(name) for name in dispatch.QUEUES],
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in dispatch.QUEUES],
+        "task_default_exchange": "notifications",
+        "task_default_routing_key": "notifications",
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},
         "task_time_limit": max(60, settings.visibility_timeout // 2),

@@ -173,7 +173,8 @@ class Supervisor:
         ready = self.data_dir / "simulator.json"
         ready.unlink(missing_ok=True)
         child = Child("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
-                                    "--bonus-port", "0", "--api-key", api_key, "--ready-file", str(ready)])
+                                    "--bonus-port", "0", "--api-key", api_key, "--ready-file", str(ready),
+                                    "--rate-limit", str(self.settings.optimove_rate_limit)])
         child.start(dict(env, PYTHONUNBUFFERED="1"))
         self.children.append(child)
         deadline = time.monotonic() + 30

@@ -13,10 +13,11 @@ WORKDIR /app
 # Sources only (see .dockerignore); `pip install .` builds and installs the `relay` command.
 COPY . /app
 RUN pip install . \
-    && useradd --create-home --uid 10001 --user-group relay \
-    && chown -R relay:relay /app
+    && useradd --create-home --uid 10001 --user-group relay
 
+# Run as an unprivileged user; the installed code stays root-owned and read-only to it.
 USER relay
+WORKDIR /home/relay
 
 EXPOSE 8000
 CMD ["relay", "--help"]

@@ -139,14 +139,14 @@ class Supervisor:
         env["PYTHONUNBUFFERED"] = "1"
         relay = [sys.executable, "-m", "cli.main"]
         self.flower_port = free_port(self.flower_port)
-        self.children += [
+        for child in (
             Child("web", relay + ["web", "--port", str(self.port)]),
             Child("worker", relay + ["worker", "--concurrency", str(self.workers)]),
             Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
             Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
-        ]
-        for child in self.children:
+        ):
             child.start(env)
+            self.children.append(child)
         self._wait_ready()
         base = f"http://127.0.0.1:{self.port}"
         lines = [
@@ -173,9 +173,9 @@ class Supervisor:
         ready = self.data_dir / "simulator.json"
         ready.unlink(missing_ok=True)
         child = Child("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
-                                    "--bonus-port", "0", "--api-key", api_key, "--ready-file", str(ready),
+                                    "--bonus-port", "0", "--ready-file", str(ready),
                                     "--rate-limit", str(self.settings.optimove_rate_limit)])
-        child.start(dict(env, PYTHONUNBUFFERED="1"))
+        child.start(dict(env, PYTHONUNBUFFERED="1", SIMULATOR_API_KEY=api_key))
         self.children.append(child)
         deadline = time.monotonic() + 30
         while not ready.exists():
@@ -190,7 +190,8 @@ class Supervisor:
             env["BONUS_URL"] = info["bonus_single_url"]
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        wait_for_port(self.port, timeout, self.children[0].proc)
+        web = next(c for c in self.children if c.name == "web")
+        wait_for_port(self.port, timeout, web.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stopping.is_set():
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from simulator import driver, server
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--optimove-port", type=int, default=0, help="0 picks a free port")
     serve.add_argument("--bonus-port", type=int, default=0, help="0 picks a free port")
-    serve.add_argument("--api-key", required=True)
+    serve.add_argument("--api-key", default=os.environ.get("SIMULATOR_API_KEY"),
+                       required=not os.environ.get("SIMULATOR_API_KEY"),
+                       help="API key the fake Optimove accepts (default: $SIMULATOR_API_KEY)")
     serve.add_argument("--rate-limit", type=_rate_limit, default=(50, 10.0), help="e.g. 50/10s")
     serve.add_argument("--failure-rate", type=float, default=0.0)
     serve.add_argument("--timeout-rate", type=float, default=0.0)

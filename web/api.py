@@ -8,6 +8,7 @@ from flask import Blueprint, Flask, jsonify, request
 from shared import repository as repo
 from shared.db import unit_of_work
 from web.app import runtime
+from web.errors import ApiError
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -62,3 +63,16 @@ def campaign(campaign_id: int):
 def init_app(app: Flask) -> None:
     """Register the `/api/` blueprint."""
     app.register_blueprint(bp)
+
+
+@bp.get("/notifications/<int:notification_id>")
+def notification(notification_id: int):
+    """One inbox row: event type, ids, status, attempts, last error, times (404 when unknown)."""
+    with unit_of_work(runtime().engine) as conn:
+        row = repo.get_notification(conn, notification_id)
+    if row is None:
+        raise ApiError(404, f"no notification {notification_id}")
+    row.pop("raw_body", None)
+    for key in ("received_at", "updated_at", "processed_at"):
+        row[key] = row[key].isoformat() if row[key] else None
+    return jsonify(row)

@@ -1,0 +1,99 @@
+"""`relay up` as a newcomer runs it: no services configured, embedded stores, the simulator attached."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from cli.embedded import free_port
+from tests.conftest import ROOT, poll
+
+pytestmark = pytest.mark.e2e
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "DATABASE_URL", "REDIS_URL", "FLOWER_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def start_up(data_dir, port, log):
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--port", str(port), "--data-dir",
+                             str(data_dir), "--flower-port", str(free_port())], cwd=ROOT, env=clean_env(),
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def ready(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    parent = psutil.Process(pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+def stop(proc, log_path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("relay up did not stop within 60 s:\n" + log_path.read_text()[-4000:])
+
+
+def test_up_ready_simulate_stop_restart(tmp_path):
+    data_dir, port = tmp_path / "data", free_port()
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "ab")
+    started = time.monotonic()
+    proc = start_up(data_dir, port, log)
+    try:
+        poll(lambda: ready(port) and (data_dir / "up.json").exists(), 30, 0.1, "relay up ready within 30 s")
+        ready_after = time.monotonic() - started
+        print(f"relay up ready after {ready_after:.1f}s")
+        info = json.loads((data_dir / "up.json").read_text())
+        output = log_path.read_text()
+        assert "relay simulate campaign" in output and info["listener_url"] in output
+        children = tree(proc.pid)
+        assert len(children) > 6  # web + workers, worker + pool, beat, flower, simulator, postgres, redis
+
+        sim = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "campaign", "--data-dir",
+                              str(data_dir), "--customers", "1000", "--json", "--timeout", "60"],
+                             cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=90)
+        assert sim.returncode == 0, sim.stdout + sim.stderr + log_path.read_text()[-4000:]
+        summary = json.loads(sim.stdout)
+        assert summary["ok"] and summary["duplicate_grants"] == 0
+        assert summary["granted_at_bonus_system"] == summary["expected_triples"] > 0
+        assert summary["seconds"] < 60
+
+        pg_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        everything = {p.pid for p in children} | {pg_pid} | {c.pid for c in psutil.Process(pg_pid).children()}
+    finally:
+        stop(proc, log_path)
+    alive = [p for p in everything if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {[psutil.Process(p).cmdline() for p in alive]}"
+    assert "stopped" in log_path.read_text().splitlines()[-1]
+
+    proc = start_up(data_dir, port, log)
+    try:
+        poll(lambda: ready(port), 30, 0.1, "second relay up ready")
+        auth = (info["admin_user"], info["admin_password"])
+        status = requests.get(f"http://127.0.0.1:{port}/api/campaigns/{summary['campaign_id']}", auth=auth,
+                              timeout=5).json()
+        assert status["status"] == "done"
+        assert status["totals"]["granted"] == summary["expected_triples"]
+        assert requests.get(f"http://127.0.0.1:{port}/api/notifications/1", auth=auth, timeout=5).json()[
+            "status"] == "done"
+    finally:
+        stop(proc, log_path)

@@ -217,6 +217,13 @@ def cpu_by_pid(roots: list[int]) -> dict[int, float]:
     return out
 
 
+def machine_busy_pct(before, after) -> float:
+    """CPU in use on the whole machine between two `psutil.cpu_times()`, in % of one core."""
+    idle = (after.idle + getattr(after, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
+    total = sum(after) - sum(before)
+    return round(100 * os.cpu_count() * (1 - idle / total), 1) if total > 0 else 0.0
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in after.items())
 
@@ -338,13 +345,14 @@ def measure(server: Server, args, channel: int, phase_ids, cpu_roots: dict[str, 
     def load(fn, *common):
         """One phase over `procs` processes, each with its own id range; the tally and CPU% by group."""
         first_id = next(phase_ids)
-        before = {k: cpu_by_pid(v) for k, v in cpu_roots.items()}
+        before, machine0 = {k: cpu_by_pid(v) for k, v in cpu_roots.items()}, psutil.cpu_times()
         tally = run_load(procs, fn, server.port, threads, *common,
                          per_proc=lambda i: (*(() if fn is closed_loop else (i, procs)),
                                              first_id + i * IDS_PER_PHASE // procs, channel))
-        after = {k: cpu_by_pid(v) for k, v in cpu_roots.items()}
+        after, machine1 = {k: cpu_by_pid(v) for k, v in cpu_roots.items()}, psutil.cpu_times()
         cpu = {k: round(100 * cpu_delta(before[k], after[k]) / tally.seconds, 1) for k in cpu_roots}
         cpu["load generator"] = round(100 * tally.cpu_seconds / tally.seconds, 1)
+        cpu["machine"] = machine_busy_pct(machine0, machine1)
         return tally, cpu
 
     warm, _ = load(closed_loop, min(2.0, args.duration))
@@ -433,14 +441,16 @@ def report(res: dict) -> str:
              f"{res['setup']['stores']}",
              "",
              f"{'target':<7}{'max req/s':>11}{'@' + format(rate, 'g') + '/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-             f"{'max ms':>9}{'errors':>8}   CPU% at max (server / load gen / stores)"]
+             f"{'max ms':>9}{'errors':>8}   CPU% of a core at max: server / load gen / stores / whole machine"]
     for name in ("bare", "relay"):
         m = res[name]
         cpu = m["cpu_pct_at_max"]
         lines.append(f"{name:<7}{m['max_rps']:>11.1f}{m['rate_achieved']:>10.1f}{m['p50_ms']:>9.2f}"
                      f"{m['p99_ms']:>9.2f}{m['max_ms']:>9.2f}{m['errors']:>8}   "
                      f"{cpu['server']:.0f} / {cpu['load generator']:.0f} / "
-                     f"{cpu.get('stores', float('nan')):.0f}")
+                     f"{cpu.get('stores', float('nan')):.0f} / {cpu['machine']:.0f}")
+    lines.append(f"(whole machine = {100 * res['setup']['cpus']}% when every core is busy; what the three "
+                 "groups do not explain is other processes on the machine)")
     lines.append("")
     lines.append(f"ratio relay/bare max req/s: {res['ratio']:.3f}")
     for name, met in res["targets"].items():

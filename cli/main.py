@@ -61,7 +61,7 @@ def db_upgrade(revision: str) -> None:
 
 
 @main.command()
-@click.option("--port", default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
+@click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 in containers)")
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
 @click.option("--threads", default=4, show_default=True, help="threads per gunicorn worker")

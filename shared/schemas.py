@@ -179,10 +179,15 @@ class Notification:
     promo_codes: list[str] = field(default_factory=list)
 
 
-def canonical_body(body: Mapping[str, Any]) -> str:
-    """The body as sorted, compact JSON with lower-cased top-level keys (casing does not make a new event)."""
-    return json.dumps({str(k).lower(): v for k, v in body.items()}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+def canonical_body(data: Mapping[str, Any], body: Mapping[str, Any]) -> str:
+    """The body as sorted, compact JSON: known fields by canonical name and parsed value, other keys
+    lower-cased, so casing or a numeric string id does not make a new event."""
+    out: dict[str, Any] = {str(k).lower(): v for k, v in body.items()
+                           if str(k).replace("_", "").lower() not in _CANONICAL}
+    for name, value in data.items():
+        if value not in (None, []):
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def dedupe_key(data: Mapping[str, Any], body: Mapping[str, Any]) -> str:
@@ -194,7 +199,7 @@ def dedupe_key(data: Mapping[str, Any], body: Mapping[str, Any]) -> str:
         return f"{kind}:{data['CampaignID']}"
     if kind in (2, 3):
         return f"{kind}:{data['TimeStamp'].isoformat()}"
-    return "11:" + hashlib.sha256(canonical_body(body).encode()).hexdigest()
+    return "11:" + hashlib.sha256(canonical_body(data, body).encode()).hexdigest()
 
 
 def parse_notification(body: Any, event_type_hint: Any = None) -> Notification:

@@ -1,0 +1,34 @@
+"""Redis stopped (a private instance): the listener still acknowledges, and the sweeper catches up."""
+from __future__ import annotations
+
+import pytest
+
+from cli.embedded import EmbeddedRedis
+from tests.conftest import count, poll
+from tests.harness import post_notification, relay_env
+
+pytestmark = pytest.mark.e2e
+
+
+def test_listener_accepts_while_redis_down_and_sweeper_enqueues_later(procs, tmp_path, database_url, db):
+    redis = EmbeddedRedis(tmp_path / "redis", appendonly=False)
+    redis.start()
+    try:
+        env = relay_env(database_url, redis.url, RELAY_SWEEP_AFTER=2, RELAY_SWEEP_INTERVAL=1)
+        base = procs.web(env)
+        redis.stop()
+
+        response = post_notification(base, {"EventTypeID": 2, "TimeStamp": "2026-11-27 23:00:00"})
+        assert response.status_code == 202, response.text
+        nid = response.json()["notification_id"]
+        assert count(db, "SELECT count(*) FROM notifications WHERE id = %s AND status = 'received'", nid) == 1
+
+        redis.start()
+        procs.worker(env)
+        procs.start("beat", ["beat", "--schedule-file", str(tmp_path / "beat-schedule")], env)
+        poll(lambda: count(db, "SELECT count(*) FROM notifications WHERE id = %s AND status = 'ignored'", nid),
+             60, 0.2, "the swept notification to be processed")
+        assert count(db, "SELECT attempts FROM notifications WHERE id = %s", nid) == 1
+    finally:
+        procs.stop_all()
+        redis.stop()

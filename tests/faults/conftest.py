@@ -1,9 +1,13 @@
-"""Fixtures for tests that run real relay processes."""
+"""Fixtures for tests that run real relay processes and break things on purpose."""
 from __future__ import annotations
 
 import pytest
 
 from tests.harness import Processes
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faults: kills processes or injects faults (real processes)")
 
 
 @pytest.fixture
@@ -25,6 +29,34 @@ def simulator():
     running = start(api_key="sim-api-key-0123456789")
     yield running
     running.stop()
+
+
+@pytest.fixture
+def make_simulator():
+    """Start a simulator with a chosen Optimove rate limit and bonus faults; stopped after the test."""
+    from simulator.server import start
+
+    started = []
+
+    def factory(rate_limit=(50, 10.0), **bonus_faults):
+        running = start(api_key="sim-api-key-0123456789", rate_limit=rate_limit, **bonus_faults)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """URL of a Redis server owned by this test alone (no AOF), for tests that kill or restart things."""
+    from cli.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "private-redis", appendonly=False)
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

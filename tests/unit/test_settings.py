@@ -104,3 +104,13 @@ def test_cli_exits_2_naming_the_variable(monkeypatch):
     result = CliRunner().invoke(main, ["db", "upgrade"])
     assert result.exit_code == 2
     assert "OPTIMOVE_PAGE_SIZE: expected an integer" in result.output
+
+
+def test_readme_documents_every_variable():
+    from pathlib import Path
+
+    from shared.settings import documented_variables
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [env for env, _, _ in documented_variables() if f"`{env}`" not in readme]
+    assert not missing, f"README.md configuration table lacks {missing}"

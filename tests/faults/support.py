@@ -1,0 +1,135 @@
+"""Helpers for the fault tests: create a campaign in the fake Optimove, fire it, wait, check exact counts."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import requests
+
+from shared.optimove.rows import parse_execution_row
+from simulator.campaigns import channel_rows, validate_spec
+from simulator.driver import notification_bodies
+from tests.conftest import poll
+from tests.harness import post_notification
+
+API_KEY = "sim-api-key-0123456789"
+PAGES_FUNCTION = "GetCustomerExecutionDetailsByCampaign"
+
+
+@dataclass
+class Campaign:
+    """A campaign created in the fake Optimove and everything the relay should make of it."""
+
+    spec: dict
+    triples: set[tuple[int, str, str]]
+    pairs: int
+    customers: dict[int, int]
+
+    @property
+    def id(self) -> int:
+        return self.spec["campaign_id"]
+
+    @property
+    def channels(self) -> list[int]:
+        return self.spec["channels"]
+
+    def pages(self, page_size: int) -> int:
+        """Page requests a clean run makes: full pages plus the short (or empty) last one, per channel."""
+        return sum(n // page_size + 1 for n in self.customers.values())
+
+
+def create_campaign(sim, campaign_id: int, channels=(504, 505, 506), customers_per_channel: int = 1000,
+                    overlap: float = 0.5, codes=("WB23", "NV10"), multi_code_every: int = 2) -> Campaign:
+    """Register a campaign in the fake Optimove; compute its expected triples by brute force."""
+    spec = validate_spec({"campaign_id": campaign_id, "channels": list(channels),
+                          "customers_per_channel": customers_per_channel, "overlap": overlap,
+                          "codes": list(codes), "multi_code_every": multi_code_every})
+    response = requests.post(f"{sim.optimove_url}/_sim/campaigns", json=spec, timeout=10)
+    assert response.status_code == 200, response.text
+    created = response.json()
+    triples, pairs = set(), 0
+    for channel in spec["channels"]:
+        for row in channel_rows(spec, channel, 0, 10 ** 9):
+            parsed = parse_execution_row(row)
+            pairs += len(parsed.promo_codes)
+            triples.update((campaign_id, parsed.customer_id, code) for code in parsed.promo_codes)
+    assert created["expected_triples"] == len(triples)
+    return Campaign(spec, triples, pairs, {int(ch): n for ch, n in created["customers_per_channel"].items()})
+
+
+def fire(base: str, campaign: Campaign, seed: int = 7) -> None:
+    """Deliver the EventTypeID 13 notifications as Optimove would: shuffled, one of them twice."""
+    for body in notification_bodies(campaign.id, campaign.channels, random.Random(seed)):
+        response = post_notification(base, body)
+        assert response.status_code in (200, 202), (response.status_code, response.text)
+
+
+def runs(db, campaign_id: int) -> list[dict]:
+    """The campaign's runs as dicts."""
+    with db.cursor() as cur:
+        cur.execute("""SELECT id, channel_id, status, fetch_done, fetched, claimed, duplicates_skipped,
+                              granted, rejected, failed, last_error
+                       FROM campaign_runs WHERE campaign_id = %s ORDER BY channel_id""", (campaign_id,))
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def grant_statuses(db, campaign_id: int) -> dict[str, int]:
+    """Ledger rows of the campaign by status."""
+    with db.cursor() as cur:
+        cur.execute("SELECT status, count(*) FROM grants WHERE campaign_id = %s GROUP BY status", (campaign_id,))
+        return dict(cur.fetchall())
+
+
+def wait_done(db, campaign: Campaign, timeout: float) -> list[dict]:
+    """Poll Postgres until every channel's run is `done`; fail at once if a run or grant failed."""
+    def finished():
+        current = runs(db, campaign.id)
+        failed = [r for r in current if r["status"] == "failed"]
+        assert not failed, f"run(s) failed: {failed}"
+        bad = grant_statuses(db, campaign.id).get("failed", 0)
+        assert not bad, f"{bad} grant(s) failed"
+        done = len(current) == len(campaign.channels) and all(r["status"] == "done" for r in current)
+        return current if done else None
+
+    return poll(finished, timeout, 0.1, f"campaign {campaign.id} done")
+
+
+def ledger(sim, full: bool = False) -> dict:
+    """The fake bonus system's ledger summary."""
+    return requests.get(f"{sim.bonus_admin_url}/_sim/ledger", params={"full": int(full)}, timeout=10).json()
+
+
+def optimove_stats(sim) -> dict:
+    """The fake Optimove's request statistics."""
+    return requests.get(f"{sim.optimove_url}/_sim/stats", timeout=10).json()
+
+
+def assert_exact(db, sim, campaign: Campaign) -> dict:
+    """Every expected triple granted exactly once at the bonus system, and Postgres agrees to the unit."""
+    summary = ledger(sim, full=True)
+    applied = {(int(c), str(cu), str(p)) for c, cu, p in summary["triples"] if int(c) == campaign.id}
+    expected = len(campaign.triples)
+    assert summary["duplicate_grants"] == 0, summary
+    assert summary["applied"] == expected, {k: v for k, v in summary.items() if k != "triples"}
+    assert summary["rejected"] == 0
+    assert applied == campaign.triples
+
+    assert grant_statuses(db, campaign.id) == {"granted": expected}
+    with db.cursor() as cur:
+        cur.execute("SELECT customer_id, promo_code FROM grants WHERE campaign_id = %s", (campaign.id,))
+        assert {(campaign.id, c, p) for c, p in cur.fetchall()} == campaign.triples
+        cur.execute("SELECT status, count(*) FROM notifications WHERE campaign_id = %s GROUP BY 1", (campaign.id,))
+        assert dict(cur.fetchall()) == {"done": len(campaign.channels)}
+
+    current = runs(db, campaign.id)
+    assert [r["channel_id"] for r in current] == sorted(campaign.channels)
+    assert all(r["status"] == "done" and r["fetch_done"] for r in current), current
+    assert {r["channel_id"]: r["fetched"] for r in current} == campaign.customers
+    assert sum(r["claimed"] for r in current) == expected
+    assert sum(r["granted"] for r in current) == expected
+    assert sum(r["rejected"] + r["failed"] for r in current) == 0
+    assert sum(r["claimed"] + r["duplicates_skipped"] for r in current) == campaign.pairs
+    for r in current:
+        assert r["granted"] == r["claimed"], r
+    return {k: v for k, v in summary.items() if k != "triples"}

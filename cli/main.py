@@ -66,13 +66,16 @@ def db_upgrade(revision: str) -> None:
 @click.option("--workers", default=2, show_default=True, help="gunicorn worker processes")
 @click.option("--threads", default=4, show_default=True, help="threads per gunicorn worker")
 def web(port: int, bind: str, workers: int, threads: int) -> None:
-    """Serve the listener, status API, health and metrics with gunicorn."""
+    """Serve the listener, status API, health and metrics with gunicorn.
+
+    The access log shows the path without the query string: the listener token travels there.
+    """
     load_settings("database_url", "redis_url")
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="relay-metrics-")
     argv = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", str(workers),
             "--threads", str(threads), "--worker-class", "gthread" if threads > 1 else "sync",
-            "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "--access-logfile", "-", "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
             "--graceful-timeout", "10", "web.app:create_app()"]
     os.execv(sys.executable, argv)
 

@@ -168,6 +168,7 @@ class Supervisor:
             "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(),
             **getattr(self, "simulator_info", {}),
         }))
+        (self.data_dir / "up.json").chmod(0o600)
 
     def _start_simulator(self, env: dict[str, str], api_key: str) -> None:
         ready = self.data_dir / "simulator.json"

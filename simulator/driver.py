@@ -77,7 +77,14 @@ def _fraction(status: dict, expected: int) -> float:
 def _poll(session, url, auth, channels, expected, deadline, progress, campaign_id) -> dict:
     last: dict | str = "no answer yet"
     while True:
-        response = session.get(url, auth=auth, timeout=10)
+        try:
+            response = session.get(url, auth=auth, timeout=10)
+        except requests.RequestException as exc:  # a slow or restarting relay: keep polling until the deadline
+            last = f"no answer: {type(exc).__name__}"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"campaign {campaign_id} not finished in time; last status: {last}") from None
+            time.sleep(0.2)
+            continue
         if response.status_code in (401, 403):
             raise DriverError(f"status endpoint refused credentials ({response.status_code}): {response.text[:200]}")
         if response.status_code == 200:

@@ -45,7 +45,7 @@ class Processes:
         proc = self.start(name, ["web", "--port", str(port), "--workers", "2", "--threads", "4"], env)
         wait_for_port(port, 30, proc)
         base = f"http://127.0.0.1:{port}"
-        poll(lambda: requests.get(base + "/readyz", timeout=2).status_code == 200, 30, message="web ready")
+        poll(lambda: ready(base), 60, 0.1, message=f"{name} ready")
         return base
 
     def worker(self, env: dict[str, str], name: str = "worker", concurrency: int = 2) -> subprocess.Popen:
@@ -83,6 +83,14 @@ class Processes:
             except ProcessLookupError:
                 pass
         self.procs.clear()
+
+
+def ready(base: str) -> bool:
+    """Whether a relay answers /readyz with 200 (a slow or refused answer is 'not yet')."""
+    try:
+        return requests.get(base + "/readyz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def post_notification(base: str, body: dict) -> requests.Response:

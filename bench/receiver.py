@@ -366,6 +366,7 @@ def measure(server: Server, args, channel: int, phase_ids, cpu_roots: dict[str, 
         "max_ms": round(1000 * (lat[-1] if lat else 0.0), 2),
         "errors": peak.errors + timed.errors,
         "rate_achieved": round(timed.ok / args.duration, 1),
+        "server_cpu_ms_per_req": round(10 * peak_cpu["server"] / (peak.ok / peak.seconds), 3) if peak.ok else None,
         "cpu_pct_at_max": peak_cpu,
         "cpu_pct_at_rate": timed_cpu,
         "accepted_202": sum(t.statuses.get(202, 0) for t in (warm, peak, timed)),
@@ -441,16 +442,23 @@ def report(res: dict) -> str:
              f"{res['setup']['stores']}",
              "",
              f"{'target':<7}{'max req/s':>11}{'@' + format(rate, 'g') + '/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-             f"{'max ms':>9}{'errors':>8}   CPU% of a core at max: server / load gen / stores / whole machine"]
+             f"{'max ms':>9}{'errors':>8}{'cpu ms/req':>12}   CPU% of a core at max: server / load gen / stores / machine"]
     for name in ("bare", "relay"):
         m = res[name]
         cpu = m["cpu_pct_at_max"]
         lines.append(f"{name:<7}{m['max_rps']:>11.1f}{m['rate_achieved']:>10.1f}{m['p50_ms']:>9.2f}"
-                     f"{m['p99_ms']:>9.2f}{m['max_ms']:>9.2f}{m['errors']:>8}   "
+                     f"{m['p99_ms']:>9.2f}{m['max_ms']:>9.2f}{m['errors']:>8}{m['server_cpu_ms_per_req'] or 0:>12.2f}   "
                      f"{cpu['server']:.0f} / {cpu['load generator']:.0f} / "
                      f"{cpu.get('stores', float('nan')):.0f} / {cpu['machine']:.0f}")
-    lines.append(f"(whole machine = {100 * res['setup']['cpus']}% when every core is busy; what the three "
-                 "groups do not explain is other processes on the machine)")
+    lines.append(f"(cpu ms/req: server CPU per request at max throughput; machine = {100 * res['setup']['cpus']}% "
+                 "when every core is busy)")
+    for name in ("bare", "relay"):
+        for phase in ("cpu_pct_at_max", "cpu_pct_at_rate"):
+            cpu = res[name][phase]
+            other = cpu["machine"] - sum(v for k, v in cpu.items() if k != "machine")
+            if other > 25:
+                lines.append(f"WARNING: other processes used ~{other:.0f}% of a core during {name} "
+                             f"{phase.removeprefix('cpu_pct_')}: figures are lower bounds, rerun on a quiet machine")
     lines.append("")
     lines.append(f"ratio relay/bare max req/s: {res['ratio']:.3f}")
     for name, met in res["targets"].items():

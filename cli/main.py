@@ -168,29 +168,17 @@ def campaigns_show(campaign_id: int, as_json: bool) -> None:
                f"{t['duplicates_skipped']}, granted {t['granted']}, rejected {t['rejected']}, failed {t['failed']}")
 
 
-@main.group()
-def grants() -> None:
-    """The grant ledger."""
-
-
-@grants.command("redrive")
+@campaigns.command("redrive")
 @click.argument("campaign_id", type=int)
-def grants_redrive(campaign_id: int) -> None:
-    """Send a campaign's failed grants again (same idempotency keys)."""
-    from shared import dispatch, repository as repo
-    from shared.db import unit_of_work
+def campaigns_redrive(campaign_id: int) -> None:
+    """Resume a campaign's failed runs and send its failed grants again (same idempotency keys)."""
+    from shared.flows.ledger import redrive_campaign
     from workers.app import publish
 
-    app, settings = _celery()
-    with unit_of_work(app.relay_runtime.engine) as conn:
-        rows = repo.redrive_failed_grants(conn, campaign_id)
-    per_run: dict = {}
-    for run_id, grant_id in rows:
-        per_run.setdefault(run_id, []).append(grant_id)
-    size = settings.bonus_batch_size
-    publish(app, [dispatch.grant_batch(run_id, ids[i:i + size])
-                  for run_id, ids in per_run.items() for i in range(0, len(ids), size)])
-    click.echo(f"re-driving {len(rows)} failed grant(s) of campaign {campaign_id}")
+    app, _ = _celery()
+    runs, grants, items = redrive_campaign(app.relay_runtime, campaign_id)
+    publish(app, items)
+    click.echo(f"campaign {campaign_id}: resuming {runs} failed run(s), re-sending {grants} failed grant(s)")
 
 
 from cli.simulate import simulate  # noqa: E402

@@ -164,6 +164,9 @@ class NotificationSchema(Schema):
             raise ValidationError(missing)
 
 
+_SCHEMA = NotificationSchema()  # building a Schema deep-copies its fields; one instance is reusable
+
+
 @dataclass(frozen=True)
 class Notification:
     """A validated notification: the fields the flows use, plus its dedupe key."""
@@ -213,7 +216,7 @@ def parse_notification(body: Any, event_type_hint: Any = None) -> Notification:
     if event_type_hint not in (None, "") and not any(
             str(k).replace("_", "").lower() in ("eventtypeid", "eventtype") for k in source):
         source["EventTypeID"] = event_type_hint
-    data = NotificationSchema().load(source)
+    data = _SCHEMA.load(source)
     return Notification(
         event_type=data["EventTypeID"],
         dedupe_key=dedupe_key(data, body),

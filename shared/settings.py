@@ -202,7 +202,7 @@ class Settings:
                                       "age after which unfinished work is re-driven")
     sweep_interval_seconds: float = _opt("RELAY_SWEEP_INTERVAL", _float(1), 30.0, "how often beat runs the sweeper")
     max_attempts: int = _opt("RELAY_MAX_ATTEMPTS", _int(1, 100), 5, "attempts per notification before it is parked")
-    visibility_timeout: int = _opt("RELAY_VISIBILITY_TIMEOUT", _int(10), 1800,
+    visibility_timeout: int = _opt("RELAY_VISIBILITY_TIMEOUT", _int(120), 1800,
                                    "seconds before Redis redelivers an unacked task")
     admin_user: str = _opt("RELAY_ADMIN_USER", None, "admin", "basic-auth user for /api/")
     admin_password: Secret | None = _opt("RELAY_ADMIN_PASSWORD", _secret, doc="basic-auth password for /api/")

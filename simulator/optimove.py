@@ -277,7 +277,8 @@ def create_optimove_app(api_key: str, rate_limit: tuple[int, float] = (50, 10.0)
             result = handler(state, body)
         if result is None:
             return Response(status=200)
-        return jsonify(result)
+        # Plain json.dumps: Flask's provider sorts the keys of every row, a third of a page's cost.
+        return Response(json.dumps(result, separators=(",", ":")), mimetype="application/json")
 
     app.register_blueprint(_admin_blueprint(state))
     return app

@@ -61,7 +61,7 @@ def receive():
         from workers.app import publish
 
         publish(current_app.extensions["celery"],
-                [dispatch.process_notification(notification_id, notification.event_type)])
+                [dispatch.process_notification(notification_id, notification.event_type)], retry=False)
     except Exception as exc:  # the row is committed; the sweeper enqueues it later
         log.warning("notification %s stored but not enqueued (%s); the sweeper will retry",
                     notification_id, type(exc).__name__)

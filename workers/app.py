@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -58,10 +59,33 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish(app: Celery, items: list[dispatch.Enqueue]) -> None:
-    """Send follow-up tasks (after the domain call has committed)."""
-    for item in items:
-        app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown)
+_local = threading.local()
+
+
+def publish(app: Celery, items: list[dispatch.Enqueue], retry: bool = True) -> None:
+    """Send follow-up tasks (after the domain call has committed).
+
+    Each thread keeps one producer: acquiring one per publish costs more than the Redis write.
+    A producer whose publish failed is dropped, so the next call reconnects. With `retry=False`
+    (the listener) a broker outage fails at once; the sweeper enqueues the committed row later.
+    """
+    if not items:
+        return
+    producer = getattr(_local, "producer", None)
+    if producer is None or getattr(_local, "app", None) is not app:
+        producer = _local.producer = app.producer_pool.acquire(block=True)
+        _local.app = app
+    try:
+        for item in items:
+            app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown,
+                          producer=producer, retry=retry)
+    except Exception:
+        _local.producer = None
+        try:
+            producer.release()
+        except Exception:
+            pass
+        raise
 
 
 @signals.setup_logging.connect

@@ -9,10 +9,11 @@ Built-ins: `http` (generic JSON over HTTP) and `fake` (in memory); others come f
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
@@ -36,6 +37,12 @@ class GrantItem:
     customer_id: str
     promo_code: str
     source: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The item as the JSON object the bonus system receives (a flat `dataclasses.asdict`, much cheaper)."""
+        return {"idempotency_key": self.idempotency_key, "campaign_id": self.campaign_id,
+                "channel_id": self.channel_id, "customer_id": self.customer_id,
+                "promo_code": self.promo_code, "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,9 @@ class HttpBonusAdapter:
 
     def _post(self, body: Any, headers: dict[str, str] | None = None) -> requests.Response | str:
         """The response, or a reason string when the call itself failed."""
+        data = json.dumps(body, separators=(",", ":")).encode()
         try:
-            return self._session.post(self.url, json=body, headers={**self._headers, **(headers or {})},
+            return self._session.post(self.url, data=data, headers={**self._headers, **(headers or {})},
                                       timeout=self.timeout)
         except requests.Timeout:
             return f"timed out after {self.timeout:g}s"
@@ -145,7 +153,7 @@ class HttpBonusAdapter:
             return self._redact(f"{type(exc).__name__}: {exc}")
 
     def _grant_chunk(self, chunk: list[GrantItem]) -> list[GrantResult]:
-        response = self._post({"grants": [asdict(item) for item in chunk]})
+        response = self._post({"grants": [item.to_json() for item in chunk]})
         if isinstance(response, str):
             return [GrantResult(i.idempotency_key, "retry", reason=response) for i in chunk]
         status = response.status_code
@@ -154,7 +162,7 @@ class HttpBonusAdapter:
             reason = f"HTTP {status}: {self._text(response)}"
             return [GrantResult(i.idempotency_key, outcome, reason=reason) for i in chunk]
         try:
-            replies = response.json()["results"]
+            replies = json.loads(response.content)["results"]
             by_key = {r["idempotency_key"]: r for r in replies if isinstance(r, dict) and "idempotency_key" in r}
         except (ValueError, KeyError, TypeError):
             reason = f"HTTP {status}: reply is not {{\"results\": [...]}}: {self._text(response)}"
@@ -173,7 +181,7 @@ class HttpBonusAdapter:
 
     def _grant_one(self, item: GrantItem) -> GrantResult:
         key = item.idempotency_key
-        response = self._post(asdict(item), {"Idempotency-Key": key})
+        response = self._post(item.to_json(), {"Idempotency-Key": key})
         if isinstance(response, str):
             return GrantResult(key, "retry", reason=response)
         status = response.status_code

@@ -8,6 +8,7 @@ exactly once, whatever replays the batch.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from shared.adapters.bonus import GrantItem, idempotency_key
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.logs import log_context
-from shared.optimove.client import PermanentError, RateLimited, TemporaryError, backoff
+from shared.optimove.client import PermanentError, RateLimited, TemporaryError, Throttled, backoff
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ def fetch_next_page(rt, run_id: int) -> list[Enqueue]:
             with unit_of_work(rt.engine) as conn:
                 repo.touch_run(conn, run_id)
             return [dispatch.fetch_page(run_id, countdown=exc.retry_after)]
+        except Throttled as exc:  # a 429 is not a failure of the page: no attempt counted, wait < one window
+            window = rt.settings.optimove_rate_limit.seconds
+            with unit_of_work(rt.engine) as conn:
+                repo.touch_run(conn, run_id, error=str(exc))
+            wait = min(exc.retry_after, 300) if exc.retry_after else random.uniform(0.2, 1.0) * window
+            log.warning("Optimove throttled run %s (%s); next try in %.1fs", run_id, exc, wait)
+            return [dispatch.fetch_page(run_id, countdown=wait)]
         except TemporaryError as exc:
             return _page_failed(rt, run_id, exc)
         except PermanentError as exc:
@@ -144,3 +152,19 @@ def deliver_grants(rt, run_id: int | None, grant_ids: list[int]) -> list[Enqueue
         attempt = 1 + max(g.attempts for g in claimed)
         return [dispatch.grant_batch(run_id, settled.retry_ids, countdown=backoff(attempt, cap=30))]
     return []
+
+
+def redrive_campaign(rt, campaign_id: int) -> tuple[int, int, list[Enqueue]]:
+    """Send a campaign's parked work again: failed runs resume paging at their cursor, failed grants
+    are re-delivered with the same idempotency keys. Returns (runs, grants, work to enqueue)."""
+    with unit_of_work(rt.engine) as conn:
+        runs = repo.redrive_failed_runs(conn, campaign_id)
+        grants = repo.redrive_failed_grants(conn, campaign_id)
+    out = [dispatch.fetch_page(run["id"]) for run in runs]
+    per_run: dict[int | None, list[int]] = {}
+    for run_id, grant_id in grants:
+        per_run.setdefault(run_id, []).append(grant_id)
+    size = rt.settings.bonus_batch_size
+    out += [dispatch.grant_batch(run_id, ids[i:i + size]) for run_id, ids in per_run.items()
+            for i in range(0, len(ids), size)]
+    return len(runs), len(grants), out

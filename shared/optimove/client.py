@@ -48,6 +48,10 @@ class RateLimited(TemporaryError):
         self.wait_seconds = wait_seconds
 
 
+class Throttled(TemporaryError):
+    """Optimove answered 429: its own window is full (another client of the key, or clock skew)."""
+
+
 class PermanentError(OptimoveError):
     """Retrying will not help: 400, 401, 403, 404, 405 and other 4xx."""
 
@@ -180,7 +184,8 @@ class OptimoveClient:
                 raise TemporaryError(f"{what}: body is not JSON: {self._text(response)}") from None
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TemporaryError(f"{what}: {self._text(response)}", retry_after)
+            error = Throttled if status == 429 else TemporaryError
+            raise error(f"{what}: {self._text(response)}", retry_after)
         raise PermanentError(f"{what}: {self._text(response)}", status)
 
     def _text(self, response: requests.Response) -> str:

@@ -43,11 +43,15 @@ class RateLimiter:
     """At most `limit.count` grants per `limit.seconds` for one API key, across all processes."""
 
     def __init__(self, redis_client, api_key: Secret, limit: RateLimit, prefix: str = "relay:ratelimit",
-                 *, sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+                 *, margin: float | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.limit = limit
         self.key = limiter_key(api_key, prefix)
         self._script = redis_client.register_script(_SCRIPT)
-        self._window_us = int(round(limit.seconds * 1_000_000))
+        # A slot is stamped when taken, but Optimove counts the request when it arrives; the margin
+        # keeps a few milliseconds of transit from putting limit+1 requests into Optimove's window.
+        self.margin = max(0.1, 0.02 * limit.seconds) if margin is None else margin
+        self._window_us = int(round((limit.seconds + self.margin) * 1_000_000))
         self._sleep = sleep
         self._clock = clock
 

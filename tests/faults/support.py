@@ -9,8 +9,9 @@ import requests
 from shared.optimove.rows import parse_execution_row
 from simulator.campaigns import channel_rows, validate_spec
 from simulator.driver import notification_bodies
+from cli.embedded import free_port, wait_for_port
 from tests.conftest import poll
-from tests.harness import post_notification
+from tests.harness import Processes, post_notification
 
 API_KEY = "sim-api-key-0123456789"
 PAGES_FUNCTION = "GetCustomerExecutionDetailsByCampaign"
@@ -55,6 +56,23 @@ def create_campaign(sim, campaign_id: int, channels=(504, 505, 506), customers_p
             triples.update((campaign_id, parsed.customer_id, code) for code in parsed.promo_codes)
     assert created["expected_triples"] == len(triples)
     return Campaign(spec, triples, pairs, {int(ch): n for ch, n in created["customers_per_channel"].items()})
+
+
+def start_web(procs: Processes, env: dict[str, str]) -> str:
+    """`procs.web`, but a slow first /readyz on a loaded machine is retried rather than fatal."""
+    port = free_port()
+    proc = procs.start("web", ["web", "--port", str(port), "--workers", "2", "--threads", "4"], env)
+    wait_for_port(port, 30, proc)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return requests.get(base + "/readyz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    poll(ready, 45, 0.1, "web ready")
+    return base
 
 
 def fire(base: str, campaign: Campaign, seed: int = 7) -> None:

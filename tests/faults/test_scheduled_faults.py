@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 import requests
 
 from tests.conftest import count, poll
-from tests.faults.support import (API_KEY, PAGES_FUNCTION, assert_exact, create_campaign, fire, ledger,
-                                  optimove_stats, runs, wait_done)
+from tests.faults.support import (API_KEY, PAGES_FUNCTION, assert_exact, create_campaign, fire,
+                                  optimove_stats, runs, start_web, wait_done)
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -40,10 +41,10 @@ def test_worker_sigkilled_mid_run_resumes_exactly(procs, make_simulator, private
     """
     sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=150)
     env = _env(database_url, private_redis, sim, OPTIMOVE_PAGE_SIZE=200, BONUS_BATCH_SIZE=200,
-               RELAY_VISIBILITY_TIMEOUT=10, RELAY_SWEEP_AFTER=3, RELAY_SWEEP_INTERVAL=1)
+               RELAY_VISIBILITY_TIMEOUT=120, RELAY_SWEEP_AFTER=3, RELAY_SWEEP_INTERVAL=1)
     campaign = create_campaign(sim, 515151, customers_per_channel=3000)
     expected = len(campaign.triples)
-    base = procs.web(env)
+    base = start_web(procs, env)
     procs.worker(env)
     procs.start("beat", ["beat", "--schedule-file", str(tmp_path / "beat")], env)
 
@@ -52,6 +53,8 @@ def test_worker_sigkilled_mid_run_resumes_exactly(procs, make_simulator, private
     poll(lambda: count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id) >= expected // 4,
          40, message="a quarter of the grants claimed")
     procs.kill("worker")
+    in_flight = redis.Redis.from_url(private_redis).hlen("unacked")
+    assert in_flight > 0, "the killed worker held no unacknowledged task"
     claimed_at_kill = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id)
     granted_at_kill = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s AND status = 'granted'",
                             campaign.id)
@@ -61,7 +64,7 @@ def test_worker_sigkilled_mid_run_resumes_exactly(procs, make_simulator, private
     procs.worker(env, name="worker2")
     wait_done(db, campaign, 60)
     summary = assert_exact(db, sim, campaign)
-    print(f"\nkill after {expected} expected: claimed {claimed_at_kill}, granted {granted_at_kill} at kill; "
+    print(f"\nkill with {in_flight} task(s) in flight, {expected} expected: claimed {claimed_at_kill}, granted {granted_at_kill} at kill; "
           f"bonus calls {summary['calls']}, items sent {summary['items_received']}; "
           f"{time.monotonic() - started:.1f}s")
 
@@ -72,7 +75,7 @@ def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_u
     env = _env(database_url, redis_url, sim, OPTIMOVE_PAGE_SIZE=300, BONUS_BATCH_SIZE=100,
                BONUS_TIMEOUT=1, BONUS_MAX_ATTEMPTS=30)
     campaign = create_campaign(sim, 525252, customers_per_channel=1500)
-    base = procs.web(env)
+    base = start_web(procs, env)
     procs.worker(env)
 
     started = time.monotonic()
@@ -85,15 +88,22 @@ def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_u
 
 
 @pytest.mark.parametrize("mode", ["batch", "single"])
-def test_grant_applied_then_connection_dropped(mode, procs, make_simulator, redis_url, database_url, db):
-    """30 % of calls are applied and then the connection closes with no reply; the retry must not grant twice."""
+def test_grant_applied_then_connection_dropped(mode, procs, make_simulator, redis_url, database_url, db,
+                                              tmp_path):
+    """30 % of calls are applied and then the connection closes with no reply; the retry must not grant twice.
+
+    In single mode some grant is dropped five or six times in a row, and capped exponential backoff
+    (up to 30 s per retry) would make the test last a minute; beat runs with a short sweep age, so
+    the sweeper re-drives waiting grants early, alongside their pending retry (both carry the same key).
+    """
     sim = make_simulator(rate_limit=FAST_LIMIT, drop_after_apply_rate=0.3)
     env = _env(database_url, redis_url, sim, mode, OPTIMOVE_PAGE_SIZE=300, BONUS_BATCH_SIZE=100,
-               BONUS_MAX_ATTEMPTS=30)
+               BONUS_MAX_ATTEMPTS=30, RELAY_SWEEP_AFTER=3, RELAY_SWEEP_INTERVAL=1)
     size = 1500 if mode == "batch" else 300
     campaign = create_campaign(sim, 535353 if mode == "batch" else 545454, customers_per_channel=size)
-    base = procs.web(env)
+    base = start_web(procs, env)
     procs.worker(env)
+    procs.start("beat", ["beat", "--schedule-file", str(tmp_path / "beat")], env)
 
     started = time.monotonic()
     fire(base, campaign)
@@ -113,8 +123,8 @@ def test_optimove_429_bursts(procs, make_simulator, redis_url, database_url, db)
     assert response.status_code == 200, response.text
     page_size = 100
     env = _env(database_url, redis_url, sim, OPTIMOVE_PAGE_SIZE=page_size)
-    campaign = create_campaign(sim, 565656, customers_per_channel=1000)
-    base = procs.web(env)
+    campaign = create_campaign(sim, 565656, customers_per_channel=600)
+    base = start_web(procs, env)
     procs.worker(env)
 
     started = time.monotonic()

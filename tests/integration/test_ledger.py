@@ -11,7 +11,7 @@ from shared import dispatch, repository as repo
 from shared.adapters.bonus import FakeBonusAdapter, idempotency_key
 from shared.db import unit_of_work
 from shared.flows import inbox, ledger
-from shared.optimove.client import PermanentError, RateLimited, TemporaryError
+from shared.optimove.client import PermanentError, RateLimited, TemporaryError, Throttled
 from shared.runtime import Runtime
 from shared.schemas import parse_notification
 from tests.conftest import count, make_settings
@@ -134,6 +134,24 @@ def test_temporary_errors_retry_then_park_the_run(rt, db):
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
     assert run["status"] == "failed" and "gave up after 3 attempts: 503 from Optimove" in run["last_error"]
+    runs, grants, follow = ledger.redrive_campaign(rt, 11)
+    assert (runs, grants) == (1, 0) and follow == [dispatch.fetch_page(run_id)]
+    drain(rt, follow)
+    assert count(db, "SELECT count(*) FROM campaign_runs WHERE id = %s AND status = 'done'", run_id) == 1
+    assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = 11 AND status = 'granted'") == 10
+
+
+def test_optimove_429_waits_within_a_window_and_counts_no_attempt(rt, db):
+    run_id = inbox.process_notification(rt, notify(rt, 20, 505))[0].args[0]
+    rt.optimove.errors.extend([Throttled("GET x: HTTP 429: Too Many Requests")] * 5)
+    for _ in range(5):
+        follow = ledger.fetch_next_page(rt, run_id)
+        assert follow[0].task == dispatch.FETCH_PAGE and 0 < follow[0].countdown <= 10
+    with unit_of_work(rt.engine) as conn:
+        run = repo.get_run(conn, run_id)
+    assert run["status"] == "running" and run["attempts"] == 0 and "429" in run["last_error"]
+    drain(rt, follow)
+    assert count(db, "SELECT count(*) FROM campaign_runs WHERE id = %s AND status = 'done'", run_id) == 1
 
 
 def test_permanent_error_parks_the_run_with_reason(rt, db):

@@ -1,0 +1,453 @@
+"""Scheduled-bonus campaign throughput, end to end, against the raw Postgres insert limit, in one run.
+
+    .venv/bin/python bench/campaign.py [--customers 300000] [--sizes 100000,300000] [--workers 2] [--json]
+
+Starts Postgres and Redis (embedded under a temp folder unless DATABASE_URL/REDIS_URL are set), the
+simulator (`python -m simulator serve`, fake Optimove + fake bonus system) and the relay's `web` and
+`worker` processes, each in its own session with its log in a file. For every size N in `--sizes`
+it creates a 3-channel campaign of N customers per channel with 50 % overlap (consecutive channels
+share half their customers, so 2N unique customers) in which every 2nd customer holds two promo
+codes (WB23 and NV10): 3N (customer, promo) triples to grant, 4.5N rows offered to the ledger.
+It fires the three EventTypeID 13 notifications and measures from the first notification until
+Postgres records the last grant as `granted`, then checks the fake bonus system's ledger
+(applied == expected triples, no duplicate grants). The worker process tree's RSS is sampled with
+psutil every 0.2 s.
+
+The raw limit is the same rows (all three channels, in channel order, one Optimove page per
+statement) inserted with `execute_values … ON CONFLICT DO NOTHING RETURNING id` into a fresh table
+with the same unique constraint, on the same server, in one connection, one commit per page.
+
+Targets: end-to-end customers/s ÷ raw rows/s >= 0.2; worker peak RSS < 300 MB and flat across
+sizes; seconds per customer at the largest size <= 1.3x the smallest. Exits 0 whether or not
+targets are met (1 when a campaign's counts are wrong).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+import psycopg2
+import requests
+from psycopg2.extras import execute_values
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port  # noqa: E402
+from simulator import campaigns  # noqa: E402
+
+TOKEN = "bench-listener-token-0123456789abcdef"
+ADMIN_PASSWORD = "bench-admin-password"
+API_KEY = "bench-sim-api-key-0123456789"
+CHANNELS = (504, 505, 506)
+CODES = ("WB23", "NV10")
+MULTI_CODE_EVERY = 2
+OVERLAP = 0.5
+TARGET_RATIO = 0.2
+TARGET_RSS_MB = 300
+TARGET_GROWTH = 1.3
+RSS_INTERVAL = 0.2
+POLL_INTERVAL = 0.02
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+class Group:
+    """A process started in its own session, output to a log file; `stop` kills the whole group."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def check(self) -> None:
+        """Raise with the log's tail if the process has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}\n"
+                               f"--- {self.log_path} (tail) ---\n{self.tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL whatever is left after a grace period."""
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_stores(tmp: Path, stack: ExitStack) -> tuple[str, str, list[str]]:
+    """DATABASE_URL/REDIS_URL from the environment, else embedded servers; migrated."""
+    from shared.db import upgrade
+
+    db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
+    notes = []
+    if not db_url:
+        pg = EmbeddedPostgres(tmp / "stores")
+        stack.callback(pg.stop)
+        db_url = pg.start()
+        notes.append("embedded Postgres (fsync on)")
+    else:
+        notes.append("Postgres from DATABASE_URL")
+    if not redis_url:
+        rd = EmbeddedRedis(tmp / "stores")
+        stack.callback(rd.stop)
+        redis_url = rd.start()
+        notes.append("embedded Redis (AOF everysec)")
+    else:
+        notes.append("Redis from REDIS_URL")
+    upgrade(db_url)
+    return db_url, redis_url, notes
+
+
+def start_simulator(tmp: Path, stack: ExitStack, rate_limit: str) -> dict:
+    """`python -m simulator serve` on free ports; its URLs from the ready file."""
+    ready = tmp / "simulator.ready"
+    env = {**os.environ, "SIMULATOR_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
+    sim = Group("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
+                              "--bonus-port", "0", "--ready-file", str(ready), "--rate-limit", rate_limit],
+                env, tmp)
+    stack.callback(sim.stop)
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        sim.check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"simulator not ready in 30 s\n{sim.tail()}")
+        time.sleep(0.05)
+    return json.loads(ready.read_text())
+
+
+def relay_env(args, db_url: str, redis_url: str, sim: dict, tmp: Path) -> dict:
+    """The relay processes' environment: stores, simulator, limits, bench settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "DATABASE_URL", "REDIS_URL"))}
+    env.update({
+        "DATABASE_URL": db_url, "REDIS_URL": redis_url, "RELAY_LISTENER_TOKENS": TOKEN,
+        "RELAY_ADMIN_PASSWORD": ADMIN_PASSWORD, "RELAY_LOG_LEVEL": args.log_level,
+        "OPTIMOVE_API_URL": sim["optimove_url"], "OPTIMOVE_API_KEY": API_KEY,
+        "OPTIMOVE_RATE_LIMIT": args.rate_limit, "OPTIMOVE_PAGE_SIZE": str(args.page_size),
+        "BONUS_ADAPTER": "http", "BONUS_URL": sim["bonus_url"], "BONUS_MODE": "batch",
+        "BONUS_BATCH_SIZE": str(args.batch_size), "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics"),
+    })
+    (tmp / "metrics").mkdir(exist_ok=True)
+    return env
+
+
+def start_relay(args, env: dict, tmp: Path, stack: ExitStack) -> tuple[str, list[Group]]:
+    """`relay web` (ready once /readyz answers) and `--worker-processes` × `relay worker`."""
+    port = free_port()
+    web = Group("web", [sys.executable, "-m", "cli.main", "web", "--port", str(port), "--workers", "2",
+                        "--threads", "4"], env, tmp)
+    stack.callback(web.stop)
+    workers = []
+    for i in range(args.worker_processes):
+        w = Group(f"worker{i}", [sys.executable, "-m", "cli.main", "worker", "--concurrency", str(args.workers)],
+                  env, tmp)
+        stack.callback(w.stop)
+        workers.append(w)
+    wait_for_port(port, 60, web.proc)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        web.check()
+        try:
+            if requests.get(base + "/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"web not ready\n{web.tail()}")
+        time.sleep(0.1)
+    return base, workers
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+class RssSampler:
+    """Samples the worker process trees every `RSS_INTERVAL`: max single pool child and max tree sum."""
+
+    def __init__(self, workers: list[Group]):
+        self.roots = [w.proc.pid for w in workers]
+        self.child_peak = 0
+        self.tree_peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(RSS_INTERVAL):
+                return
+
+    def sample(self) -> None:
+        for pid in self.roots:
+            total = 0
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    continue
+                total += rss
+                if p.pid != pid:
+                    self.child_peak = max(self.child_peak, rss)
+            self.tree_peak = max(self.tree_peak, total)
+        self.samples += 1
+
+
+def granted_so_far(cur, campaign_id: int) -> int:
+    """Grants recorded `granted` for the campaign, from the runs' counters (updated in the settle transaction)."""
+    cur.execute("SELECT coalesce(sum(granted), 0) FROM campaign_runs WHERE campaign_id = %s", (campaign_id,))
+    return int(cur.fetchone()[0])
+
+
+def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campaign_id: int, n: int,
+                 timeout: float) -> dict:
+    """Create the campaign in the fake Optimove, fire the 3 notifications, wait for the last grant, check."""
+    session = requests.Session()
+    spec = {"campaign_id": campaign_id, "channels": list(CHANNELS), "customers_per_channel": n,
+            "overlap": OVERLAP, "codes": list(CODES), "multi_code_every": MULTI_CODE_EVERY}
+    created = session.post(f"{sim['optimove_url']}/_sim/campaigns", json=spec, timeout=30)
+    created.raise_for_status()
+    created = created.json()
+    expected, unique = created["expected_triples"], created["unique_customers"]
+    ledger_url = f"{sim['bonus_admin_url']}/_sim/ledger"
+    before = session.get(ledger_url, timeout=30).json()
+    listener = f"{base}/optimove/events?token={TOKEN}"
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        with RssSampler(workers) as rss, conn.cursor() as cur:
+            started = time.monotonic()
+            for channel in CHANNELS:
+                r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
+                                                 "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
+                if r.status_code not in (200, 202):
+                    raise RuntimeError(f"listener answered {r.status_code}: {r.text[:300]}")
+            deadline = started + timeout
+            while (done := granted_so_far(cur, campaign_id)) < expected:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"campaign {campaign_id}: {done}/{expected} granted after {timeout:.0f}s")
+                for w in workers:
+                    w.check()
+                time.sleep(POLL_INTERVAL)
+            seconds = time.monotonic() - started
+            cur.execute("SELECT status, count(*) FROM grants WHERE campaign_id = %s GROUP BY status", (campaign_id,))
+            by_status = dict(cur.fetchall())
+    finally:
+        conn.close()
+    after = session.get(ledger_url, timeout=30).json()
+    applied = after["applied"] - before["applied"]
+    duplicates = after["duplicate_grants"] - before["duplicate_grants"]
+    ok = applied == expected and duplicates == 0 and by_status == {"granted": expected}
+    return {
+        "customers_per_channel": n, "unique_customers": unique, "expected_triples": expected,
+        "seconds": round(seconds, 3),
+        "customers_per_s": round(unique / seconds, 1), "grants_per_s": round(expected / seconds, 1),
+        "us_per_customer": round(1e6 * seconds / unique, 2),
+        "worker_rss_child_peak_mb": round(rss.child_peak / 2 ** 20, 1),
+        "worker_rss_tree_peak_mb": round(rss.tree_peak / 2 ** 20, 1), "rss_samples": rss.samples,
+        "bonus_applied": applied, "bonus_duplicate_grants": duplicates, "ledger_by_status": by_status, "ok": ok,
+    }
+
+
+def channel_pages(spec: dict, page_size: int):
+    """Per Optimove page, in channel order, the (customer, promo) pairs the relay offers to the ledger."""
+    from shared.flows.scheduled import _pairs
+
+    n = spec["customers_per_channel"]
+    for channel in spec["channels"]:
+        for skip in range(0, n, page_size):
+            pairs = []
+            for row in campaigns.channel_rows(spec, channel, skip, page_size):
+                pairs.extend(_pairs(row) or ())
+            yield pairs
+
+
+def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int) -> dict:
+    """Rows/s of `execute_values … ON CONFLICT DO NOTHING RETURNING id`, one page per statement, fresh table."""
+    spec = {"campaign_id": campaign_id, "channels": list(CHANNELS), "customers_per_channel": n,
+            "overlap": OVERLAP, "codes": list(CODES), "multi_code_every": MULTI_CODE_EVERY}
+    pages = [[(campaign_id, customer, promo, channel, None, "scheduled_bonus") for customer, promo in pairs]
+             for channel, pairs in zip(
+                 [c for c in CHANNELS for _ in range(0, n, page_size)], channel_pages(spec, page_size))]
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS bench_raw_grants")
+            cur.execute("""
+                CREATE TABLE bench_raw_grants (
+                    id bigserial PRIMARY KEY, campaign_id bigint NOT NULL, customer_id text NOT NULL,
+                    promo_code text NOT NULL, channel_id bigint, run_id bigint, source text NOT NULL,
+                    status text NOT NULL DEFAULT 'claimed', attempts integer NOT NULL DEFAULT 0,
+                    reference text, reason text, created_at timestamptz NOT NULL DEFAULT now(),
+                    updated_at timestamptz NOT NULL DEFAULT now(),
+                    CONSTRAINT bench_raw_once UNIQUE (campaign_id, customer_id, promo_code))""")
+            conn.commit()
+            rows = inserted = 0
+            started = time.monotonic()
+            for page in pages:
+                got = execute_values(cur, """
+                    INSERT INTO bench_raw_grants (campaign_id, customer_id, promo_code, channel_id, run_id, source)
+                    VALUES %s ON CONFLICT ON CONSTRAINT bench_raw_once DO NOTHING RETURNING id""",
+                    page, page_size=max(1, len(page)), fetch=True)
+                conn.commit()
+                rows += len(page)
+                inserted += len(got)
+            seconds = time.monotonic() - started
+            cur.execute("DROP TABLE bench_raw_grants")
+            conn.commit()
+    finally:
+        conn.close()
+    return {"rows": rows, "inserted": inserted, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.customers]
+    tmp = Path(tempfile.mkdtemp(prefix="relay-campaign-bench-"))
+    results, raw = [], []
+    with ExitStack() as stack:
+        if not args.keep_logs:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        db_url, redis_url, notes = start_stores(tmp, stack)
+        sim = start_simulator(tmp, stack, args.sim_rate_limit or args.rate_limit)
+        env = relay_env(args, db_url, redis_url, sim, tmp)
+        base, workers = start_relay(args, env, tmp, stack)
+        campaign_id = int(time.time()) % 10 ** 6 * 10
+        warm = run_campaign(base, sim, db_url, workers, campaign_id, 2000, timeout=120)
+        if not warm["ok"]:
+            raise RuntimeError(f"warm-up campaign wrong: {warm}")
+        for i, n in enumerate(sizes, start=1):
+            raw.append(raw_insert_rate(db_url, n, args.page_size, campaign_id + i))
+            try:
+                results.append(run_campaign(base, sim, db_url, workers, campaign_id + i, n, args.timeout))
+            except Exception:
+                for g in workers:
+                    print(f"--- {g.name} (tail) ---\n{g.tail()}", file=sys.stderr)
+                raise
+        if args.keep_logs:
+            print(f"logs in {tmp}", file=sys.stderr)
+    for r, limit in zip(results, raw):
+        r["raw_rows_per_s"] = limit["rows_per_s"]
+        r["raw"] = limit
+        r["ratio"] = round(r["customers_per_s"] / limit["rows_per_s"], 3)
+    first, last = results[0], results[-1]
+    growth = round(last["us_per_customer"] / first["us_per_customer"], 3)
+    rss_peak = max(r["worker_rss_tree_peak_mb"] for r in results)
+    targets = {
+        f"ratio>={TARGET_RATIO} at every size": all(r["ratio"] >= TARGET_RATIO for r in results),
+        f"worker RSS<{TARGET_RSS_MB}MB": rss_peak < TARGET_RSS_MB,
+        f"per-customer cost growth<={TARGET_GROWTH}x": growth <= TARGET_GROWTH,
+        "exact counts": all(r["ok"] for r in results),
+    }
+    exe = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    return {
+        "sizes": results, "growth_per_customer": growth, "targets": targets,
+        "setup": {"cpus": os.cpu_count(), "stores": ", ".join(notes), "worker_processes": args.worker_processes,
+                  "worker_concurrency": args.workers, "page_size": args.page_size,
+                  "bonus_batch_size": args.batch_size, "rate_limit": args.rate_limit,
+                  "promo_codes": f"{'+'.join(CODES)} for every {MULTI_CODE_EVERY}nd customer, {CODES[0]} otherwise",
+                  "overlap": OVERLAP, "channels": list(CHANNELS)},
+        "command": " ".join(shlex.quote(a) for a in [exe, *sys.argv]),
+    }
+
+
+def report(res: dict) -> str:
+    s = res["setup"]
+    lines = [f"command: {res['command']}",
+             f"setup:   {s['cpus']} CPUs, {s['stores']}, {s['worker_processes']} worker process(es) x prefork "
+             f"{s['worker_concurrency']}, page {s['page_size']}, bonus batch {s['bonus_batch_size']}, "
+             f"rate limit {s['rate_limit']}",
+             f"         3 channels, 50% overlap, codes: {s['promo_codes']}",
+             "",
+             f"{'N/channel':>10}{'unique':>9}{'triples':>9}{'secs':>8}{'cust/s':>9}{'grants/s':>10}"
+             f"{'us/cust':>9}{'raw rows/s':>12}{'ratio':>7}{'RSS child':>11}{'RSS tree':>10}  bonus ledger"]
+    for r in res["sizes"]:
+        lines.append(f"{r['customers_per_channel']:>10}{r['unique_customers']:>9}{r['expected_triples']:>9}"
+                     f"{r['seconds']:>8.2f}{r['customers_per_s']:>9.0f}{r['grants_per_s']:>10.0f}"
+                     f"{r['us_per_customer']:>9.1f}{r['raw_rows_per_s']:>12.0f}{r['ratio']:>7.3f}"
+                     f"{r['worker_rss_child_peak_mb']:>9.1f}MB{r['worker_rss_tree_peak_mb']:>8.1f}MB  "
+                     f"applied {r['bonus_applied']}, dup {r['bonus_duplicate_grants']}"
+                     f"{'' if r['ok'] else '  WRONG COUNTS'}")
+    lines.append("")
+    lines.append("raw = execute_values INSERT ... ON CONFLICT DO NOTHING RETURNING id of the same "
+                 f"{res['sizes'][0]['raw']['rows']}+ rows, one page per statement, fresh table, same server")
+    lines.append(f"per-customer cost growth, largest vs smallest size: {res['growth_per_customer']:.3f}x")
+    for name, met in res["targets"].items():
+        lines.append(f"target {name}: {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=300_000, help="customers per channel (without --sizes)")
+    parser.add_argument("--sizes", default="100000,300000", help="comma-separated customers per channel; "
+                        "'' runs only --customers")
+    parser.add_argument("--workers", type=int, default=2, help="prefork concurrency of each worker process")
+    parser.add_argument("--worker-processes", type=int, default=1, help="`relay worker` processes")
+    parser.add_argument("--page-size", type=int, default=10_000, help="OPTIMOVE_PAGE_SIZE")
+    parser.add_argument("--batch-size", type=int, default=5000, help="BONUS_BATCH_SIZE")
+    parser.add_argument("--rate-limit", default="100000/1s", help="OPTIMOVE_RATE_LIMIT (and the simulator's)")
+    parser.add_argument("--sim-rate-limit", default=None, help="the simulator's --rate-limit if different")
+    parser.add_argument("--log-level", default="info", help="RELAY_LOG_LEVEL of the relay processes")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds before a campaign counts as stuck")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp folder with the process logs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminate)
+
+    result = run(args)
+    print(json.dumps(result, indent=2) if args.json else report(result))
+    return 0 if result["targets"]["exact counts"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

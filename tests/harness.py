@@ -61,9 +61,9 @@ class Processes:
             pass
         proc.wait(30)
 
-    def logs(self) -> str:
-        """Every log, for failure messages."""
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-6000:]}"
+    def logs(self, tail: int | None = 6000) -> str:
+        """Every log (the last `tail` characters of each; all of it with `tail=None`)."""
+        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-tail if tail else 0:]}"
                          for p in sorted(self.log_dir.glob("*.log")))
 
     def stop_all(self) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -59,33 +58,18 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-_local = threading.local()
-
-
 def publish(app: Celery, items: list[dispatch.Enqueue], retry: bool = True) -> None:
-    """Send follow-up tasks (after the domain call has committed).
+    """Send follow-up tasks (after the domain call has committed) on one pooled producer.
 
-    Each thread keeps one producer: acquiring one per publish costs more than the Redis write.
-    A producer whose publish failed is dropped, so the next call reconnects. With `retry=False`
-    (the listener) a broker outage fails at once; the sweeper enqueues the committed row later.
+    With `retry=False` (the listener) a broker outage fails at once instead of holding the request;
+    the sweeper enqueues the committed row later.
     """
     if not items:
         return
-    producer = getattr(_local, "producer", None)
-    if producer is None or getattr(_local, "app", None) is not app:
-        producer = _local.producer = app.producer_pool.acquire(block=True)
-        _local.app = app
-    try:
+    with app.producer_pool.acquire(block=True, timeout=10) as producer:
         for item in items:
             app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown,
                           producer=producer, retry=retry)
-    except Exception:
-        _local.producer = None
-        try:
-            producer.release()
-        except Exception:
-            pass
-        raise
 
 
 @signals.setup_logging.connect

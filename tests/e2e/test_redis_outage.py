@@ -14,7 +14,7 @@ def test_listener_accepts_while_redis_down_and_sweeper_enqueues_later(procs, tmp
     redis = EmbeddedRedis(tmp_path / "redis", appendonly=False)
     redis.start()
     try:
-        env = relay_env(database_url, redis.url, RELAY_SWEEP_AFTER=2, RELAY_SWEEP_INTERVAL=1)
+        env = relay_env(database_url, redis.url, RELAY_SWEEP_AFTER=15, RELAY_SWEEP_INTERVAL=1)
         base = procs.web(env)
         redis.stop()
 
@@ -29,6 +29,13 @@ def test_listener_accepts_while_redis_down_and_sweeper_enqueues_later(procs, tmp
         poll(lambda: count(db, "SELECT count(*) FROM notifications WHERE id = %s AND status = 'ignored'", nid),
              60, 0.2, "the swept notification to be processed")
         assert count(db, "SELECT attempts FROM notifications WHERE id = %s", nid) == 1
+
+        # the web process publishes again once Redis is back (no producer stuck on the dead connection)
+        later = post_notification(base, {"EventTypeID": 3, "TimeStamp": "2026-11-27 23:30:00"})
+        assert later.status_code == 202
+        nid2 = later.json()["notification_id"]
+        poll(lambda: count(db, "SELECT count(*) FROM notifications WHERE id = %s AND status = 'ignored'", nid2),
+             8, 0.05, "the next notification to be processed without the sweeper (age limit 15 s)")
     finally:
         procs.stop_all()
         redis.stop()

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared.redact import redact, response_text
 from shared.settings import Secret
 
 ENTRY_POINT_GROUP = "relay.bonus_adapters"
 STATUSES = ("granted", "rejected", "retry")
-_TEXT_LIMIT = 300
 
 
 @dataclass(frozen=True)
@@ -191,18 +191,16 @@ class HttpBonusAdapter:
         outcome = "retry" if _temporary(status) else "rejected"
         return GrantResult(key, outcome, reason=f"HTTP {status}: {self._text(response)}")
 
+    def _secrets(self) -> tuple[str, ...]:
+        if not self._auth_header:
+            return ()
+        return self._auth_header.get(), self._auth_header.get().partition(":")[2].strip()
+
     def _text(self, response: requests.Response) -> str:
-        text = response.text.strip()
-        if len(text) > _TEXT_LIMIT:
-            text = text[:_TEXT_LIMIT] + "…"
-        return self._redact(text)
+        return response_text(response, self._secrets())
 
     def _redact(self, text: str) -> str:
-        if self._auth_header:
-            for secret in {self._auth_header.get(), self._auth_header.get().partition(":")[2].strip()}:
-                if secret:
-                    text = text.replace(secret, "***")
-        return text
+        return redact(text, self._secrets())
 
 
 def _temporary(status: int) -> bool:

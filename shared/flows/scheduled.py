@@ -10,16 +10,17 @@ from __future__ import annotations
 from shared import dispatch, repository as repo
 from shared.flows.inbox import Outcome, handles
 from shared.flows.ledger import PagedFlow, register
-from shared.optimove.rows import parse_execution_row
+from shared.optimove.rows import customer_codes
 
 FLOW = "scheduled_bonus"
 
 
 def _pairs(row: dict) -> list[tuple[str, str]] | None:
-    parsed = parse_execution_row(row)
-    if parsed is None:
+    found = customer_codes(row)
+    if found is None:
         return None
-    return [(parsed.customer_id, code) for code in parsed.promo_codes]
+    customer, codes = found
+    return [(customer, code) for code in codes]
 
 
 register(PagedFlow(

@@ -16,12 +16,12 @@ from typing import Any, Iterator, Mapping
 import requests
 
 from shared.optimove.limiter import RateLimiter
+from shared.redact import redact, response_text
 from shared.settings import Secret
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
-_TEXT_LIMIT = 300
 
 
 class OptimoveError(Exception):
@@ -189,11 +189,7 @@ class OptimoveClient:
         raise PermanentError(f"{what}: {self._text(response)}", status)
 
     def _text(self, response: requests.Response) -> str:
-        text = response.text.strip()
-        if len(text) > _TEXT_LIMIT:
-            text = text[:_TEXT_LIMIT] + "…"
-        return self._redact(text)
+        return response_text(response, (self._api_key.get(),))
 
     def _redact(self, text: str) -> str:
-        key = self._api_key.get()
-        return text.replace(key, "***") if key else text
+        return redact(text, (self._api_key.get(),))

@@ -94,3 +94,27 @@ def parse_execution_row(row: Mapping[str, Any], delimiter: str = ";") -> Executi
         schedule_time=(str(schedule).strip() or None) if schedule is not None else None,
         attributes=_attributes(data, delimiter),
     )
+
+
+_ID_KEYS = ("CustomerID", "customerId", "customerID", "CustomerId")
+_CODE_KEYS = ("PromoCode", "promoCode", "PromoCodes", "promoCodes")
+
+
+def customer_codes(row: Any) -> tuple[str, list[str]] | None:
+    """(customer id, promo codes) of a row: the paging hot path.
+
+    Rows spelled as Optimove usually spells them are read directly; anything else goes through
+    `parse_execution_row`, so both give the same answer.
+    """
+    if type(row) is dict:
+        raw = next((row[k] for k in _ID_KEYS if k in row), None)
+        if type(raw) is str and raw and not raw[0].isspace() and not raw[-1].isspace():
+            codes = next((row[k] for k in _CODE_KEYS if row.get(k) is not None), None)
+            if codes is None:
+                return raw, []
+            if type(codes) is str and "," not in codes:
+                code = codes.strip()
+                return raw, [code] if code else []
+            return raw, parse_promo_codes(codes)
+    parsed = parse_execution_row(row)
+    return (parsed.customer_id, parsed.promo_codes) if parsed else None

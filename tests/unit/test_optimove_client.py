@@ -307,3 +307,25 @@ def test_parse_row_missing_optional_fields():
                                  {"PromoCode": "X"}, {"CustomerID": True}, "not a dict"])
 def test_parse_row_without_customer_is_none(row):
     assert parse_execution_row(row) is None
+
+
+@pytest.mark.parametrize("row", [
+    {"CustomerID": "C1", "PromoCode": "WB23"},
+    {"CustomerID": "C1", "PromoCode": "WB23, NV10,WB23"},
+    {"CustomerID": "C1", "PromoCode": ["WB23", " NV10 ", None, ""]},
+    {"customerId": "C1", "promoCode": " WB23 "},
+    {"CustomerID": "C1"},
+    {"CustomerID": "C1", "PromoCode": ""},
+    {"CustomerID": 42, "PromoCode": "A"},
+    {"CustomerID": " C1 ", "PromoCode": "A"},
+    {"customer_id": "C1", "promo_code": "A"},
+    {"CustomerID": "", "PromoCode": "A"},
+    {"CustomerID": None, "PromoCode": "A"},
+    {"PromoCode": "A"},
+    ["not", "a", "row"],
+])
+def test_customer_codes_fast_path_agrees_with_full_parse(row):
+    from shared.optimove.rows import customer_codes, parse_execution_row
+
+    parsed = parse_execution_row(row)
+    assert customer_codes(row) == ((parsed.customer_id, parsed.promo_codes) if parsed else None)

@@ -54,9 +54,14 @@ PATH = "/optimove/events"
 TOKEN = "bench-listener-token-0123456789abcdef"
 BODY = b'{"EventTypeID":13,"CampaignID":%d,"ChannelID":%d,"TimeStamp":"2024-05-01 10:00:00"}'
 HEADERS = {"Content-Type": "application/json", "X-Relay-Token": TOKEN}
-GUNICORN_FLAGS = ["--workers", "2", "--threads", "4", "--worker-class", "gthread",
-                  "--access-logfile", "-", "--access-logformat", '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-                  "--graceful-timeout", "10"]
+
+
+def gunicorn_flags(workers: int, threads: int) -> list[str]:
+    """The flags `relay web --workers W --threads T` gives gunicorn (cli/main.py), for the bare app too."""
+    return ["--workers", str(workers), "--threads", str(threads),
+            "--worker-class", "gthread" if threads > 1 else "sync",
+            "--access-logfile", "-", "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
+            "--graceful-timeout", "10"]
 TARGET_RATIO = 0.3
 TARGET_P99_MS = 25.0
 IDS_PER_PHASE = 10 ** 9
@@ -394,9 +399,11 @@ def run(args) -> dict:
                "RELAY_LOG_LEVEL": "warning", "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics")}
         py = sys.executable
         relay_port, bare_port = free_port(), free_port()
-        relay = Server("relay", [py, "-m", "cli.main", "web", "--port", str(relay_port), "--workers", "2",
-                                 "--threads", "4"], env, relay_port, tmp / "relay.log")
-        bare = Server("bare", [py, "-m", "gunicorn", "--bind", f"127.0.0.1:{bare_port}", *GUNICORN_FLAGS,
+        flags = gunicorn_flags(args.web_workers, args.web_threads)
+        relay = Server("relay", [py, "-m", "cli.main", "web", "--port", str(relay_port), "--workers",
+                                 str(args.web_workers), "--threads", str(args.web_threads)],
+                       env, relay_port, tmp / "relay.log")
+        bare = Server("bare", [py, "-m", "gunicorn", "--bind", f"127.0.0.1:{bare_port}", *flags,
                                "bench._bare_app:app"], env, bare_port, tmp / "bare.log")
         for server in (relay, bare):
             stack.callback(server.stop)
@@ -426,7 +433,7 @@ def run(args) -> dict:
         "consistent": rows == queued == r["accepted_202"],
         "setup": {"duration_s": args.duration, "connections": args.connections,
                   "client_procs": args.client_procs, "cpus": os.cpu_count(), "stores": ", ".join(notes),
-                  "gunicorn": " ".join(GUNICORN_FLAGS[:6])},
+                  "gunicorn": " ".join(gunicorn_flags(args.web_workers, args.web_threads)[:6])},
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT)
                                                       if sys.executable.startswith(str(ROOT)) else sys.executable,
                                                       *sys.argv]),
@@ -475,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections of the load generator")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="load generator processes (the connections are split between them)")
+    parser.add_argument("--web-workers", type=int, default=4, help="gunicorn workers of both servers")
+    parser.add_argument("--web-threads", type=int, default=1, help="gunicorn threads per worker of both servers")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
 

@@ -69,7 +69,7 @@ def publish(app: Celery, items: list[dispatch.Enqueue], retry: bool = True) -> N
     with app.producer_pool.acquire(block=True, timeout=10) as producer:
         for item in items:
             app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown,
-                          producer=producer, retry=retry)
+                          producer=producer, retry=retry, argsrepr=repr(item.args), kwargsrepr="{}")
 
 
 @signals.setup_logging.connect

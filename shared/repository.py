@@ -22,15 +22,15 @@ def _rows(result) -> list[dict[str, Any]]:
 
 # -- notifications -------------------------------------------------------------------------
 
-def insert_notification(conn: Connection, n: Notification, payload: Any, raw_body: str) -> tuple[int, bool]:
-    """Store a notification once per dedupe key; return (id, created)."""
+def insert_notification(conn: Connection, n: Notification, raw_body: str) -> tuple[int, bool]:
+    """Store a notification (its body as received, and as jsonb) once per dedupe key; return (id, created)."""
     row = conn.execute(sa.text("""
         INSERT INTO notifications (event_type, campaign_id, channel_id, dedupe_key, payload, raw_body)
-        VALUES (:event_type, :campaign_id, :channel_id, :dedupe_key, CAST(:payload AS jsonb), :raw_body)
+        VALUES (:event_type, :campaign_id, :channel_id, :dedupe_key, CAST(:raw_body AS jsonb), :raw_body)
         ON CONFLICT (dedupe_key) DO NOTHING
         RETURNING id"""), {
         "event_type": n.event_type, "campaign_id": n.campaign_id, "channel_id": n.channel_id,
-        "dedupe_key": n.dedupe_key, "payload": json.dumps(payload), "raw_body": raw_body,
+        "dedupe_key": n.dedupe_key, "raw_body": raw_body,
     }).first()
     if row:
         return row.id, True

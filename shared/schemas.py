@@ -81,7 +81,13 @@ class LenientInt(fields.Integer):
             value = value.strip()
             if not value.lstrip("-").isdigit():
                 raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
+        result = super()._deserialize(value, attr, data, **kwargs)
+        if not 0 <= result <= BIGINT_MAX:
+            raise ValidationError(f"expected an id between 0 and {BIGINT_MAX}")
+        return result
+
+
+BIGINT_MAX = 2 ** 63 - 1
 
 
 class Timestamp(fields.Field):

@@ -34,6 +34,21 @@ def _is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _decode(raw: bytes) -> tuple[str, object]:
+    """UTF-8 JSON that Postgres can store as jsonb (no NaN/Infinity, no NUL characters)."""
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text or "\\u0000" in text:
+            raise ValueError("NUL characters are not accepted")
+        return text, json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid notification", fields={"_body": [f"not valid JSON: {exc}"]}) from None
+
+
 @bp.post("/optimove/events")
 def receive():
     """Store one Optimove notification and hand it to the workers."""
@@ -45,16 +60,11 @@ def receive():
         raise ApiError(413, f"body too large (limit {rt.settings.max_body_bytes} bytes)")
     if not _is_json(request.mimetype):
         raise ApiError(415, "expected Content-Type application/json")
-    raw = request.get_data(cache=True)
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "invalid notification", fields={"_body": [f"not valid JSON: {exc}"]}) from None
+    text, body = _decode(request.get_data(cache=True))
     hint = request.args.get("EventTypeID") or request.args.get("event_type")
     notification = parse_notification(body, hint)
     with unit_of_work(rt.engine) as conn:
-        notification_id, created = repo.insert_notification(conn, notification, body, text)
+        notification_id, created = repo.insert_notification(conn, notification, text)
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:

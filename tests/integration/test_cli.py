@@ -20,7 +20,7 @@ def campaign(database_url, db):
     with unit_of_work(engine) as conn:
         for channel in (504, 505):
             nid, _ = repo.insert_notification(
-                conn, parse_notification({"EventTypeID": 13, "CampaignID": 77, "ChannelID": channel}), {}, "{}")
+                conn, parse_notification({"EventTypeID": 13, "CampaignID": 77, "ChannelID": channel}), "{}")
             run_id, _ = repo.create_run(conn, nid, "scheduled_bonus", 77, channel)
             ids = repo.claim_grants(conn, run_id=run_id, campaign_id=77, channel_id=channel, source="scheduled_bonus",
                                     pairs=[("C1", "WB23"), (f"C{channel}", "WB23")])

@@ -54,7 +54,7 @@ def rt(database_url, redis_url, db):
 def notify(rt, campaign: int, channel: int) -> int:
     n = parse_notification({"EventTypeID": 13, "CampaignID": campaign, "ChannelID": channel})
     with unit_of_work(rt.engine) as conn:
-        return repo.insert_notification(conn, n, {}, "{}")[0]
+        return repo.insert_notification(conn, n, "{}")[0]
 
 
 def drain(rt, items: list) -> list:
@@ -248,7 +248,7 @@ def test_send_channel_and_unbuilt_event_types_ignored_with_reason(database_url, 
     assert inbox.process_notification(rt, nid) == []
     n = parse_notification({"EventTypeID": 5, "CampaignID": 1, "ClearanceRequiredBy": "2026-11-27 10:00"})
     with unit_of_work(rt.engine) as conn:
-        nid5 = repo.insert_notification(conn, n, {}, "{}")[0]
+        nid5 = repo.insert_notification(conn, n, "{}")[0]
     inbox.process_notification(rt, nid5)
     with db.cursor() as cur:
         cur.execute("SELECT id, status, last_error FROM notifications ORDER BY id")

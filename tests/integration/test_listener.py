@@ -126,6 +126,9 @@ def test_token_in_header_and_rotation(database_url, redis_url, db):
     (json.dumps({"CampaignID": 1}), "EventTypeID"),
     (json.dumps({"EventTypeID": 5, "CampaignID": 1, "ClearanceRequiredBy": "tomorrow"}), "ClearanceRequiredBy"),
     (b"\xff\xfe".decode("latin-1"), "_body"),
+    ('{"EventTypeID": 13, "CampaignID": 1, "ChannelID": 5, "x": NaN}', "_body"),
+    ('{"EventTypeID": 13, "CampaignID": 1, "ChannelID": 5, "x": Infinity}', "_body"),
+    ('{"EventTypeID": 13, "CampaignID": 1, "ChannelID": 5, "x": "a\\u0000b"}', "_body"),
 ])
 def test_bad_body_400_with_field_errors(client, db, redis_url, body, field):
     response = client.post(URL, data=body.encode("latin-1") if "\xff" in body else body,

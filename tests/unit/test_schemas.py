@@ -85,6 +85,8 @@ def test_event_type_from_hint():
     ({"EventTypeID": 13, "CampaignID": 7.5, "ChannelID": 1}, "CampaignID"),
     ({"EventTypeID": 13, "CampaignID": True, "ChannelID": 1}, "CampaignID"),
     ({"EventTypeID": 13, "CampaignID": [7], "ChannelID": 1}, "CampaignID"),
+    ({"EventTypeID": 13, "CampaignID": 2 ** 63, "ChannelID": 1}, "CampaignID"),
+    ({"EventTypeID": 13, "CampaignID": "-1", "ChannelID": 1}, "CampaignID"),
     ({"EventTypeID": 1, "CampaignID": 7, "TimeStamp": "yesterday"}, "TimeStamp"),
     ({"EventTypeID": 11, "CampaignID": 7, "CustomerID": {"id": 1}}, "CustomerID"),
     ({"EventTypeID": 11, "CampaignID": 7, "CustomerID": "C", "PromoCode": 5}, "PromoCode"),

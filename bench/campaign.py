@@ -415,8 +415,9 @@ def report(res: dict) -> str:
                      f"applied {r['bonus_applied']}, dup {r['bonus_duplicate_grants']}"
                      f"{'' if r['ok'] else '  WRONG COUNTS'}")
     lines.append("")
-    lines.append("raw = execute_values INSERT ... ON CONFLICT DO NOTHING RETURNING id of the same "
-                 f"{res['sizes'][0]['raw']['rows']}+ rows, one page per statement, fresh table, same server")
+    rows = " / ".join(str(r["raw"]["rows"]) for r in res["sizes"])
+    lines.append("raw = execute_values INSERT ... ON CONFLICT DO NOTHING RETURNING id of the same rows "
+                 f"({rows}), one page per statement, fresh table, same server")
     lines.append(f"per-customer cost growth, largest vs smallest size: {res['growth_per_customer']:.3f}x")
     for name, met in res["targets"].items():
         lines.append(f"target {name}: {'met' if met else 'MISSED'}")

@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections of the load generator")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="load generator processes (the connections are split between them)")
-    parser.add_argument("--web-workers", type=int, default=4, help="gunicorn workers of both servers")
+    parser.add_argument("--web-workers", type=int, default=os.cpu_count() or 2,
+                        help="gunicorn workers of both servers (default: one per CPU, as `relay web`)")
     parser.add_argument("--web-threads", type=int, default=1, help="gunicorn threads per worker of both servers")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)

@@ -63,7 +63,8 @@ def db_upgrade(revision: str) -> None:
 @main.command()
 @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 in containers)")
-@click.option("--workers", default=4, show_default=True, help="gunicorn worker processes")
+@click.option("--workers", type=int, default=lambda: os.cpu_count() or 2, show_default="one per CPU",
+              help="gunicorn worker processes")
 @click.option("--threads", default=1, show_default=True,
               help="threads per worker (1: sync workers, the fastest for this CPU-bound endpoint behind a proxy)")
 def web(port: int, bind: str, workers: int, threads: int) -> None:

@@ -17,7 +17,15 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 class DatabaseUnavailable(Exception):
-    """Postgres could not be reached or refused the write."""
+    """Postgres could not be reached or refused the write.
+
+    `stale_connection` is true when a pooled connection turned out dead (Postgres restarted);
+    the pool has then been emptied and an immediate retry gets a fresh connection.
+    """
+
+    def __init__(self, message: str, stale_connection: bool = False):
+        super().__init__(message)
+        self.stale_connection = stale_connection
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -27,7 +35,11 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def make_engine(url: str, pool_size: int = 5, pre_ping: bool = True) -> Engine:
-    """An engine with short connect timeouts so an outage fails fast instead of hanging."""
+    """An engine with short connect timeouts so an outage fails fast instead of hanging.
+
+    `pre_ping` tests each connection on checkout (one round trip); a caller that retries on
+    `DatabaseUnavailable.stale_connection` instead can turn it off.
+    """
     return sa.create_engine(
         sqlalchemy_url(url),
         pool_size=pool_size,
@@ -44,8 +56,11 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
     try:
         with engine.begin() as conn:
             yield conn
-    except sa.exc.OperationalError as exc:
-        raise DatabaseUnavailable(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)) from exc
+    except sa.exc.DBAPIError as exc:
+        if not (isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated):
+            raise
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig and str(exc.orig).strip() else str(exc)
+        raise DatabaseUnavailable(message, stale_connection=exc.connection_invalidated) from exc
 
 
 def alembic_config(url: str):

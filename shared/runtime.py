@@ -14,8 +14,9 @@ from shared.settings import Settings
 class Runtime:
     """The resources one process needs, built on first use."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, pre_ping: bool = True):
         self.settings = settings
+        self.pre_ping = pre_ping
         self._pid = os.getpid()
 
     def _check_fork(self) -> None:
@@ -35,7 +36,7 @@ class Runtime:
         from shared.db import make_engine
 
         self.settings.require("database_url")
-        return make_engine(self.settings.database_url)
+        return make_engine(self.settings.database_url, pre_ping=self.pre_ping)
 
     @cached_property
     def redis(self):

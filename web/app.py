@@ -18,8 +18,9 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     configure_logging(settings.log_level)
     app = Flask("relay")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["relay"] = Runtime(settings)
-    app.extensions["celery"] = celery or create_celery(settings)
+    # no pre-ping round trip per request: the listener retries once on a stale pooled connection
+    app.extensions["relay"] = Runtime(settings, pre_ping=False)
+    app.extensions["celery"] = celery or create_celery(settings, publisher=True)
     for part in (errors, listener, api, health, metrics):
         part.init_app(app)
     return app

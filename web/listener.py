@@ -9,7 +9,7 @@ import time
 from flask import Blueprint, Flask, current_app, jsonify, request
 
 from shared import dispatch, repository as repo
-from shared.db import unit_of_work
+from shared.db import DatabaseUnavailable, unit_of_work
 from shared.schemas import parse_notification
 from web.app import runtime
 from web.errors import ApiError
@@ -49,6 +49,18 @@ def _decode(raw: bytes) -> tuple[str, object]:
         raise ApiError(400, "invalid notification", fields={"_body": [f"not valid JSON: {exc}"]}) from None
 
 
+def _store(engine, notification, text: str) -> tuple[int, bool]:
+    """Insert and commit; one retry when the pooled connection was dead (Postgres restarted)."""
+    try:
+        with unit_of_work(engine) as conn:
+            return repo.insert_notification(conn, notification, text)
+    except DatabaseUnavailable as exc:
+        if not exc.stale_connection:
+            raise
+    with unit_of_work(engine) as conn:
+        return repo.insert_notification(conn, notification, text)
+
+
 @bp.post("/optimove/events")
 def receive():
     """Store one Optimove notification and hand it to the workers."""
@@ -63,8 +75,7 @@ def receive():
     text, body = _decode(request.get_data(cache=True))
     hint = request.args.get("EventTypeID") or request.args.get("event_type")
     notification = parse_notification(body, hint)
-    with unit_of_work(rt.engine) as conn:
-        notification_id, created = repo.insert_notification(conn, notification, text)
+    notification_id, created = _store(rt.engine, notification, text)
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:

@@ -48,10 +48,16 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
-def create_celery(settings: Settings) -> Celery:
-    """A Celery app for `settings`, with the relay's tasks registered and a Runtime attached."""
+def create_celery(settings: Settings, publisher: bool = False) -> Celery:
+    """A Celery app for `settings`, with the relay's tasks registered and a Runtime attached.
+
+    `publisher=True` (the web process, which only publishes) uses the Redis transport that keeps
+    its client between publishes.
+    """
     app = Celery("relay", set_as_current=True)
     app.conf.update(celery_config(settings))
+    if publisher and (settings.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
+        app.conf.broker_transport = "workers.transport:Transport"
     app.relay_runtime = Runtime(settings)
     import workers.tasks  # noqa: F401  (registers the shared tasks)
     import shared.flows  # noqa: F401  (registers handlers)

@@ -224,3 +224,26 @@ def test_api_requires_basic_auth(client):
     assert client.get("/api/campaigns/1", auth=("admin", "wrong")).status_code == 401
     response = client.get("/api/campaigns/1", auth=("admin", "admin-password-for-tests"))
     assert response.status_code == 200 and response.json["status"] == "unknown"
+
+
+def test_postgres_restart_costs_no_request(redis_url, tmp_path):
+    """Pooled connections die with a Postgres restart; the listener retries once instead of answering 503."""
+    from cli.embedded import EmbeddedPostgres
+    from shared.db import upgrade
+    from web.app import create_app
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    try:
+        upgrade(pg.start())
+        app = create_app(make_settings(DATABASE_URL=pg.url, REDIS_URL=redis_url))
+        client = app.test_client()
+        assert client.post(URL, json=BODIES[1]).status_code == 202
+        pg.stop()
+        pg.start()  # the pooled connection is now dead
+        assert client.post(URL, json=BODIES[4]).status_code == 202
+        pg.stop()
+        assert client.post(URL, json=BODIES[13]).status_code == 503  # down: nothing acknowledged
+        pg.start()
+        assert client.post(URL, json=BODIES[13]).status_code == 202
+    finally:
+        pg.stop()

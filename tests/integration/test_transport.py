@@ -1,0 +1,30 @@
+"""The web's publishing transport keeps one Redis client per channel, rebuilt with a new pool."""
+from __future__ import annotations
+
+import pytest
+
+from shared import dispatch
+from tests.conftest import make_settings, queue_lengths
+from workers.app import create_celery, publish
+from workers.transport import Channel
+
+pytestmark = pytest.mark.integration
+
+
+def test_publisher_keeps_its_client_and_delivers(redis_url, database_url):
+    app = create_celery(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url), publisher=True)
+    with app.producer_pool.acquire(block=True) as producer:
+        channel = producer.channel
+        assert isinstance(channel, Channel)
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        channel._pool = None  # what kombu does after a lost connection
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+    publish(app, [dispatch.process_notification(1, 13), dispatch.process_notification(2, 11)])
+    assert queue_lengths(redis_url) == {"realtime": 1, "notifications": 1, "campaigns": 0, "grants": 0}
+
+
+def test_workers_keep_kombu_transport(redis_url, database_url):
+    app = create_celery(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url))
+    assert not isinstance(app.connection_for_write().default_channel, Channel)

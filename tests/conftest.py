@@ -23,6 +23,16 @@ TOKEN = "test-token-0123456789abcdef"
 ADMIN_PASSWORD = "admin-password-for-tests"
 
 
+def pytest_configure(config):
+    """A SIGTERM (a CI timeout) ends the session like Ctrl-C, so fixtures stop the servers they started."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def poll(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
     """Call `predicate` until it returns a truthy value or `timeout` passes (then fail naming `message`)."""
     deadline = time.monotonic() + timeout

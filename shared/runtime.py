@@ -6,6 +6,7 @@ sockets.
 from __future__ import annotations
 
 import os
+import weakref
 from functools import cached_property
 
 from shared.settings import Settings
@@ -17,18 +18,13 @@ class Runtime:
     def __init__(self, settings: Settings, pre_ping: bool = True):
         self.settings = settings
         self.pre_ping = pre_ping
-        self._pid = os.getpid()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: ref() and ref()._forget())
 
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
-            for name in ("engine", "redis", "optimove", "bonus", "limiter"):
-                self.__dict__.pop(name, None)
-            self._pid = os.getpid()
-
-    def __getattribute__(self, name):
-        if name in ("engine", "redis", "optimove", "bonus", "limiter"):
-            object.__getattribute__(self, "_check_fork")()
-        return object.__getattribute__(self, name)
+    def _forget(self) -> None:
+        """Drop every resource built in the parent: a child opens its own connections."""
+        for name in ("engine", "redis", "optimove", "bonus", "limiter"):
+            self.__dict__.pop(name, None)
 
     @cached_property
     def engine(self):

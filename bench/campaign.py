@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port  # noqa: E402
+from bench._common import start_stores, stop_group  # noqa: E402
+from cli.embedded import free_port, wait_for_port  # noqa: E402
 from simulator import campaigns  # noqa: E402
 
 TOKEN = "bench-listener-token-0123456789abcdef"
@@ -89,44 +90,7 @@ class Group:
 
     def stop(self) -> None:
         """SIGTERM the group, SIGKILL whatever is left after a grace period."""
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def start_stores(tmp: Path, stack: ExitStack) -> tuple[str, str, list[str]]:
-    """DATABASE_URL/REDIS_URL from the environment, else embedded servers; migrated."""
-    from shared.db import upgrade
-
-    db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
-    notes = []
-    if not db_url:
-        pg = EmbeddedPostgres(tmp / "stores")
-        stack.callback(pg.stop)
-        db_url = pg.start()
-        notes.append("embedded Postgres (fsync on)")
-    else:
-        notes.append("Postgres from DATABASE_URL")
-    if not redis_url:
-        rd = EmbeddedRedis(tmp / "stores")
-        stack.callback(rd.stop)
-        redis_url = rd.start()
-        notes.append("embedded Redis (AOF everysec)")
-    else:
-        notes.append("Redis from REDIS_URL")
-    upgrade(db_url)
-    return db_url, redis_url, notes
+        stop_group(self.proc, 10)
 
 
 def start_simulator(tmp: Path, stack: ExitStack, rate_limit: str) -> dict:
@@ -354,7 +318,7 @@ def run(args) -> dict:
     with ExitStack() as stack:
         if not args.keep_logs:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        db_url, redis_url, notes = start_stores(tmp, stack)
+        db_url, redis_url, _, notes = start_stores(tmp, stack, appendonly=True)
         sim = start_simulator(tmp, stack, args.sim_rate_limit or args.rate_limit)
         env = relay_env(args, db_url, redis_url, sim, tmp)
         base, workers = start_relay(args, env, tmp, stack)

@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port  # noqa: E402
+from bench._common import start_stores, stop_group  # noqa: E402
+from cli.embedded import free_port, wait_for_port  # noqa: E402
 
 PATH = "/optimove/events"
 TOKEN = "bench-listener-token-0123456789abcdef"
@@ -268,49 +269,9 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM the whole group, SIGKILL what is left after gunicorn's graceful timeout."""
-        if self.proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc = None
-
-
-def start_stores(tmp: Path, stack: ExitStack) -> tuple[str, str, list[int], list[str]]:
-    """DATABASE_URL/REDIS_URL from the environment, else embedded servers; migrated. Also their pids."""
-    from shared.db import upgrade
-
-    db_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
-    pids, notes = [], []
-    if not db_url:
-        pg = EmbeddedPostgres(tmp / "stores")
-        stack.callback(pg.stop)
-        db_url = pg.start()
-        pids.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
-        notes.append("embedded Postgres (fsync on)")
-    else:
-        notes.append("Postgres from DATABASE_URL")
-    if not redis_url:
-        rd = EmbeddedRedis(tmp / "stores", appendonly=False)
-        stack.callback(rd.stop)
-        redis_url = rd.start()
-        pids.append(rd.proc.pid)
-        notes.append("embedded Redis (no AOF)")
-    else:
-        notes.append("Redis from REDIS_URL")
-    upgrade(db_url)
-    return db_url, redis_url, pids, notes
+        if self.proc is not None:
+            stop_group(self.proc, 15)
+            self.proc = None
 
 
 def store_counts(db_url: str, redis_url: str) -> tuple[int, int]:
@@ -393,7 +354,7 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        db_url, redis_url, store_pids, notes = start_stores(tmp, stack)
+        db_url, redis_url, store_pids, notes = start_stores(tmp, stack, appendonly=False)
         (tmp / "metrics").mkdir()
         env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": redis_url, "RELAY_LISTENER_TOKENS": TOKEN,
                "RELAY_LOG_LEVEL": "warning", "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics")}

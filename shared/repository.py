@@ -1,7 +1,6 @@
 """All SQL of the relay. Functions take an open connection; the caller owns the transaction."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 

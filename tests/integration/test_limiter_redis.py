@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import threading
 import time
 import uuid

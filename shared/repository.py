@@ -192,6 +192,9 @@ def claim_grants(conn: Connection, *, run_id: int | None, campaign_id: int, chan
     """
     if not pairs:
         return []
+    # Sorted, so concurrent claimers of overlapping pages (two channels of one campaign) take
+    # their row locks in the same order and cannot deadlock.
+    pairs = sorted(pairs)
     # Two text arrays instead of a VALUES list: Postgres parses and plans one small statement
     # instead of 15,000 row literals (about 2.5x the rows/s for an Optimove page).
     cur = _raw(conn)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from shared import dispatch, repository as repo
 from shared.adapters.bonus import GrantItem, idempotency_key
-from shared.db import unit_of_work
+from shared.db import DatabaseUnavailable, unit_of_work
 from shared.dispatch import Enqueue
 from shared.logs import log_context
 from shared.optimove.client import PermanentError, RateLimited, TemporaryError, Throttled, backoff
@@ -74,7 +74,11 @@ def fetch_next_page(rt, run_id: int) -> list[Enqueue]:
             with unit_of_work(rt.engine) as conn:
                 repo.fail_run(conn, run_id, str(exc))
             return []
-        return _claim_page(rt, run, flow, skip, top, rows)
+        try:
+            return _claim_page(rt, run, flow, skip, top, rows)
+        except DatabaseUnavailable as exc:  # nothing was claimed: the page is fetched again shortly
+            log.warning("claiming page at %d of run %s failed (%s); retrying", skip, run_id, exc)
+            return [dispatch.fetch_page(run_id, countdown=backoff(2, cap=10))]
 
 
 def _page_failed(rt, run_id: int, exc: TemporaryError) -> list[Enqueue]:

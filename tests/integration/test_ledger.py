@@ -256,3 +256,32 @@ def test_send_channel_and_unbuilt_event_types_ignored_with_reason(database_url, 
             (nid, "ignored", "channel 510 has role 'send'; the send flow is not built yet"),
             (nid5, "ignored", "no flow handles EventTypeID 5 yet")]
     rt.engine.dispose()
+
+
+def test_concurrent_overlapping_claims_neither_deadlock_nor_double_claim(rt, db):
+    import threading
+
+    pairs = [(f"C{i:05d}", "WB23") for i in range(20000)]
+    results: dict[str, list[int]] = {}
+    errors: list[Exception] = []
+    barrier = threading.Barrier(2)
+
+    def claim(name: str, ordered: list) -> None:
+        try:
+            with unit_of_work(rt.engine) as conn:
+                barrier.wait()
+                results[name] = repo.claim_grants(conn, run_id=None, campaign_id=21, channel_id=None,
+                                                  source="test", pairs=ordered)
+        except Exception as exc:  # a deadlock would surface here
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=("a", pairs)),
+               threading.Thread(target=claim, args=("b", pairs[::-1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not set(results["a"]) & set(results["b"])
+    assert len(results["a"]) + len(results["b"]) == len(pairs)
+    assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = 21") == len(pairs)

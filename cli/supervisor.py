@@ -158,7 +158,7 @@ class Supervisor:
         ]
         if self.attach_simulator:
             lines += ["  simulator: fake Optimove and fake bonus system attached (no OPTIMOVE_API_URL set)",
-                      "  try it   : relay simulate campaign --data-dir " + str(self.data_dir)]
+                      "  try it   : relay simulate campaign" + self._data_dir_option()]
         lines.append("Ctrl-C stops everything.")
         for line in lines:
             say("relay", line)
@@ -169,6 +169,11 @@ class Supervisor:
             **getattr(self, "simulator_info", {}),
         }))
         (self.data_dir / "up.json").chmod(0o600)
+
+    def _data_dir_option(self) -> str:
+        """` --data-dir DIR` unless the data folder is the default one of the current directory."""
+        default = (Path.cwd() / ".relay").absolute()
+        return "" if self.data_dir == default else f" --data-dir {self.data_dir}"
 
     def _start_simulator(self, env: dict[str, str], api_key: str) -> None:
         ready = self.data_dir / "simulator.json"

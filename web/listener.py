@@ -14,6 +14,7 @@ from shared.schemas import parse_notification
 from web.app import runtime
 from web.errors import ApiError
 from web.metrics import LISTENER_LATENCY, LISTENER_RESPONSES
+from workers.app import publish
 
 log = logging.getLogger(__name__)
 bp = Blueprint("listener", __name__)
@@ -79,8 +80,6 @@ def receive():
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:
-        from workers.app import publish
-
         publish(current_app.extensions["celery"],
                 [dispatch.process_notification(notification_id, notification.event_type)], retry=False)
     except Exception as exc:  # the row is committed; the sweeper enqueues it later

@@ -21,21 +21,22 @@ def _rows(result) -> list[dict[str, Any]]:
 
 # -- notifications -------------------------------------------------------------------------
 
-def insert_notification(conn: Connection, n: Notification, raw_body: str) -> tuple[int, bool]:
-    """Store a notification (its body as received, and as jsonb) once per dedupe key; return (id, created)."""
-    row = conn.execute(sa.text("""
+def insert_notification(conn, n: Notification, raw_body: str) -> tuple[int, bool]:
+    """Store a notification (its body as received, and as jsonb) once per dedupe key; return (id, created).
+
+    `conn` is a SQLAlchemy connection or a raw DBAPI one (the listener's `raw_transaction`).
+    """
+    cur = conn.cursor() if hasattr(conn, "cursor") else _raw(conn)
+    cur.execute("""
         INSERT INTO notifications (event_type, campaign_id, channel_id, dedupe_key, payload, raw_body)
-        VALUES (:event_type, :campaign_id, :channel_id, :dedupe_key, CAST(:raw_body AS jsonb), :raw_body)
+        VALUES (%s, %s, %s, %s, CAST(%s AS jsonb), %s)
         ON CONFLICT (dedupe_key) DO NOTHING
-        RETURNING id"""), {
-        "event_type": n.event_type, "campaign_id": n.campaign_id, "channel_id": n.channel_id,
-        "dedupe_key": n.dedupe_key, "raw_body": raw_body,
-    }).first()
+        RETURNING id""", (n.event_type, n.campaign_id, n.channel_id, n.dedupe_key, raw_body, raw_body))
+    row = cur.fetchone()
     if row:
-        return row.id, True
-    existing = conn.execute(sa.text("SELECT id FROM notifications WHERE dedupe_key = :k"),
-                            {"k": n.dedupe_key}).scalar_one()
-    return existing, False
+        return row[0], True
+    cur.execute("SELECT id FROM notifications WHERE dedupe_key = %s", (n.dedupe_key,))
+    return cur.fetchone()[0], False
 
 
 def start_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:

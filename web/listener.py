@@ -9,7 +9,7 @@ import time
 from flask import Blueprint, Flask, current_app, jsonify, request
 
 from shared import dispatch, repository as repo
-from shared.db import DatabaseUnavailable, unit_of_work
+from shared.db import DatabaseUnavailable, raw_transaction
 from shared.schemas import parse_notification
 from web.app import runtime
 from web.errors import ApiError
@@ -53,12 +53,12 @@ def _decode(raw: bytes) -> tuple[str, object]:
 def _store(engine, notification, text: str) -> tuple[int, bool]:
     """Insert and commit; one retry when the pooled connection was dead (Postgres restarted)."""
     try:
-        with unit_of_work(engine) as conn:
+        with raw_transaction(engine) as conn:
             return repo.insert_notification(conn, notification, text)
     except DatabaseUnavailable as exc:
         if not exc.stale_connection:
             raise
-    with unit_of_work(engine) as conn:
+    with raw_transaction(engine) as conn:
         return repo.insert_notification(conn, notification, text)
 
 

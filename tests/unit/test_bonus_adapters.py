@@ -4,9 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -14,56 +12,23 @@ from shared.adapters import bonus
 from shared.adapters.bonus import (FakeBonusAdapter, GrantItem, GrantResult, HttpBonusAdapter,
                                    idempotency_key, load_bonus_adapter)
 from shared.settings import Secret, Settings
+from tests.stub_server import StubServer
 
 AUTH = "Authorization: Bearer bonus-SECRET-token"
 
 
-class Server:
-    """A scripted bonus system: `reply(request)` returns (status, body); it tracks concurrency."""
+class Server(StubServer):
+    """A scripted bonus system: `reply(request)` returns (status, JSON body or bytes); JSON request bodies."""
 
     def __init__(self):
-        self.requests: list[dict] = []
+        super().__init__("/grants")
         self.reply = lambda req: (200, {"results": []})
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._lock = threading.Lock()
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                with server._lock:
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                    req = {"headers": {k.lower(): v for k, v in self.headers.items()},
-                           "body": json.loads(self.rfile.read(length) or b"null")}
-                    with server._lock:
-                        server.requests.append(req)
-                    status, body = server.reply(req)
-                finally:
-                    with server._lock:
-                        server.in_flight -= 1
-                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/grants"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def handle(self, req: dict) -> tuple[int, dict, bytes]:
+        req["body"] = json.loads(req["body"] or b"null")
+        status, body = super().handle(req)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return status, {"Content-Type": "application/json"}, raw
 
 
 @pytest.fixture

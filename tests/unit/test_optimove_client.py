@@ -5,10 +5,7 @@ import email.utils
 import json
 import random
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -16,47 +13,17 @@ from shared.optimove.client import (OptimoveClient, OptimoveError, PermanentErro
                                     TemporaryError, backoff, parse_retry_after)
 from shared.optimove.rows import ExecutionRow, parse_execution_row
 from shared.settings import Secret
+from tests.stub_server import StubServer
 
 API_KEY = "sk-test-0123456789-VERYSECRET"
 
 
-class Server:
-    """A scripted HTTP server: `reply(request)` returns (status, headers, body bytes)."""
+class Server(StubServer):
+    """The fake Optimove base URL: `reply(request)` returns (status, headers, body bytes)."""
 
     def __init__(self):
-        self.requests: list[dict] = []
+        super().__init__("/current/")
         self.reply = lambda req: (200, {}, b"[]")
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                parts = urlsplit(self.path)
-                req = {"method": self.command, "path": parts.path, "query": parse_qs(parts.query),
-                       "headers": {k.lower(): v for k, v in self.headers.items()},
-                       "body": self.rfile.read(length) if length else b""}
-                server.requests.append(req)
-                status, headers, body = server.reply(req)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _handle
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/current/"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

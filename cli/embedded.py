@@ -113,12 +113,6 @@ class EmbeddedPostgres:
             subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60", "stop"],
                            capture_output=True, text=True, user=self.run_as, timeout=90)
 
-    def kill(self) -> None:
-        """Immediate shutdown, like a crash (for fault tests)."""
-        if self.running():
-            subprocess.run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, text=True, user=self.run_as, timeout=60)
-
     @property
     def admin_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"

@@ -6,6 +6,7 @@ after commit (enqueue-after-commit, STYLE.md lesson 5). Only ids and plain value
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 PROCESS_NOTIFICATION = "relay.process_notification"
 FETCH_PAGE = "relay.fetch_page"
@@ -39,3 +40,12 @@ def fetch_page(run_id: int, countdown: float | None = None) -> Enqueue:
 def grant_batch(run_id: int | None, grant_ids: list[int], countdown: float | None = None) -> Enqueue:
     """The task that delivers claimed grants to the bonus system."""
     return Enqueue(GRANT_BATCH, (run_id, list(grant_ids)), "grants", countdown)
+
+
+def grant_batches(grants: Iterable[tuple[int | None, int]], size: int) -> list[Enqueue]:
+    """Grant tasks for (run id, grant id) pairs: grouped by run, at most `size` grants each."""
+    per_run: dict[int | None, list[int]] = {}
+    for run_id, grant_id in grants:
+        per_run.setdefault(run_id, []).append(grant_id)
+    return [grant_batch(run_id, ids[i:i + size]) for run_id, ids in per_run.items()
+            for i in range(0, len(ids), size)]

@@ -82,12 +82,8 @@ def sweep(rt) -> list[Enqueue]:
                 out.append(dispatch.fetch_page(run["id"]))
             else:
                 repo.finish_run_if_complete(conn, run["id"])
-        per_run: dict[int | None, list[int]] = {}
-        for run_id, grant_id in repo.claim_stale_grants(conn, age):
-            per_run.setdefault(run_id, []).append(grant_id)
-    size = rt.settings.bonus_batch_size
-    for run_id, ids in per_run.items():
-        out.extend(dispatch.grant_batch(run_id, ids[i:i + size]) for i in range(0, len(ids), size))
+        stale_grants = repo.claim_stale_grants(conn, age)
+    out.extend(dispatch.grant_batches(stale_grants, rt.settings.bonus_batch_size))
     if out:
         log.warning("sweeper re-drives %d task(s)", len(out))
     return out

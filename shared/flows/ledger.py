@@ -112,7 +112,7 @@ def _claim_page(rt, run: dict, flow: PagedFlow, skip: int, top: int, rows: list[
     log.info("run %s page at %d: %d rows, %d claimed, %d already granted", run["id"], skip, len(rows),
              len(ids), len(pairs) - len(ids))
     size = rt.settings.bonus_batch_size
-    out = [dispatch.grant_batch(run["id"], ids[i:i + size]) for i in range(0, len(ids), size)]
+    out = dispatch.grant_batches(((run["id"], i) for i in ids), size)
     if not fetch_done:
         out.append(dispatch.fetch_page(run["id"]))
     return out
@@ -165,10 +165,5 @@ def redrive_campaign(rt, campaign_id: int) -> tuple[int, int, list[Enqueue]]:
         runs = repo.redrive_failed_runs(conn, campaign_id)
         grants = repo.redrive_failed_grants(conn, campaign_id)
     out = [dispatch.fetch_page(run["id"]) for run in runs]
-    per_run: dict[int | None, list[int]] = {}
-    for run_id, grant_id in grants:
-        per_run.setdefault(run_id, []).append(grant_id)
-    size = rt.settings.bonus_batch_size
-    out += [dispatch.grant_batch(run_id, ids[i:i + size]) for run_id, ids in per_run.items()
-            for i in range(0, len(ids), size)]
+    out += dispatch.grant_batches(grants, rt.settings.bonus_batch_size)
     return len(runs), len(grants), out

@@ -42,28 +42,20 @@ class InboxCollector:
 
 @bp.get("/metrics")
 def metrics():
-    """Prometheus exposition."""
+    """Prometheus exposition: this process's (or, under gunicorn, all workers') metrics plus the inbox."""
+    from prometheus_client import REGISTRY
+
     from web.app import runtime
 
-    registry = CollectorRegistry()
+    registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
+        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    else:
-        from prometheus_client import REGISTRY
-
-        registry = REGISTRY
-        return Response(generate_latest(registry) + generate_latest(_inbox_registry(runtime().engine)),
-                        mimetype=CONTENT_TYPE_LATEST)
-    registry.register(InboxCollector(runtime().engine))
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-
-
-def _inbox_registry(engine) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(InboxCollector(engine))
-    return registry
+    inbox = CollectorRegistry()
+    inbox.register(InboxCollector(runtime().engine))
+    return Response(generate_latest(registry) + generate_latest(inbox), mimetype=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask) -> None:

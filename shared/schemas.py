@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validates_schema
 
+from shared.optimove.rows import parse_promo_codes
+
 SUPPORTED_EVENT_TYPES = (1, 2, 3, 4, 5, 11, 13)
 
 # canonical key for every lower-cased spelling we know of
@@ -52,21 +54,6 @@ def parse_timestamp(value: Any) -> datetime:
 
 _TIME_PATTERNS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M",
                   "%Y-%m-%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M")
-
-
-def split_codes(value: Any) -> list[str]:
-    """Promo codes given as a list or a comma-separated string, blanks dropped, order kept, no repeats."""
-    if value is None:
-        return []
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    seen: dict[str, None] = {}
-    for item in items:
-        if item is None:
-            continue
-        code = str(item).strip()
-        if code:
-            seen.setdefault(code, None)
-    return list(seen)
 
 
 class LenientInt(fields.Integer):
@@ -113,7 +100,7 @@ class PromoCodes(fields.Field):
         if not isinstance(value, (str, list, tuple)) or any(isinstance(v, (dict, list)) for v in
                                                             (value if isinstance(value, (list, tuple)) else [])):
             raise ValidationError("expected a string or a list of strings")
-        return split_codes(value)
+        return parse_promo_codes(value)
 
 
 REQUIRED = {

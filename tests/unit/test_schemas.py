@@ -6,7 +6,8 @@ from datetime import datetime
 import pytest
 from marshmallow import ValidationError
 
-from shared.schemas import parse_notification, split_codes
+from shared.optimove.rows import parse_promo_codes
+from shared.schemas import parse_notification
 
 
 def camel(body: dict) -> dict:
@@ -66,7 +67,7 @@ def test_unknown_keys_ignored_by_schema():
 def test_promo_codes_list_or_string():
     assert parse_notification(CASES[11]).promo_codes == ["A", "B"]
     assert parse_notification({**CASES[11], "PromoCode": ["A", "B", "A", ""]}).promo_codes == ["A", "B"]
-    assert split_codes(None) == [] and split_codes(" , ") == []
+    assert parse_promo_codes(None) == [] and parse_promo_codes(" , ") == []
 
 
 def test_event_type_from_hint():

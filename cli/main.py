@@ -126,11 +126,11 @@ def flower(port: int, address: str) -> None:
 @main.command()
 def sweep() -> None:
     """Re-enqueue unfinished work once (beat does this periodically)."""
-    from shared.flows import inbox
-    from workers.app import publish
+    from shared.broker import publish
+    from shared.flows import sweeper
 
     app, _ = _celery()
-    items = inbox.sweep(app.relay_runtime)
+    items = sweeper.sweep(app.relay_runtime)
     publish(app, items)
     click.echo(f"re-enqueued {len(items)} task(s)")
 
@@ -144,10 +144,10 @@ def campaigns() -> None:
 @click.argument("campaign_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def campaigns_show(campaign_id: int, as_json: bool) -> None:
-    """Runs of a campaign per channel: cursor, counts, status, timings."""
+    """Runs of a campaign per channel: cursor, counts, status, timings; and its ledgers."""
     from shared.db import unit_of_work
     from shared.runtime import Runtime
-    from web.api import campaign_status
+    from shared.views import campaign_status
 
     rt = Runtime(load_settings("database_url"))
     with unit_of_work(rt.engine) as conn:
@@ -157,30 +157,35 @@ def campaigns_show(campaign_id: int, as_json: bool) -> None:
         return
     click.echo(f"campaign {campaign_id}: {status['status']}")
     header = f"{'run':>6} {'channel':>8} {'status':<9} {'cursor':>8} {'fetched':>8} {'claimed':>8} " \
-             f"{'dup':>8} {'granted':>8} {'rejected':>8} {'failed':>7} {'secs':>7}"
+             f"{'dup':>8} {'granted':>8} {'sent':>8} {'rejected':>8} {'failed':>7} {'secs':>7}"
     click.echo(header)
     for r in status["runs"]:
         click.echo(f"{r['run_id']:>6} {str(r['channel_id']):>8} {r['status']:<9} {r['cursor']:>8} "
-                   f"{r['fetched']:>8} {r['claimed']:>8} {r['duplicates_skipped']:>8} {r['granted']:>8} "
+                   f"{r['fetched']:>8} {r['claimed']:>8} {r['duplicates_skipped']:>8} {r['granted']:>8} {r['sent']:>8} "
                    f"{r['rejected']:>8} {r['failed']:>7} {r['seconds']:>7.1f}")
         if r["last_error"]:
             click.echo(f"{'':>6} last error: {r['last_error']}")
     t = status["totals"]
     click.echo(f"totals: fetched {t['fetched']}, claimed {t['claimed']}, skipped as already granted "
-               f"{t['duplicates_skipped']}, granted {t['granted']}, rejected {t['rejected']}, failed {t['failed']}")
+               f"{t['duplicates_skipped']}, granted {t['granted']}, sent {t['sent']}, rejected {t['rejected']}, "
+               f"failed {t['failed']}")
+    for name, counts in status["ledgers"].items():
+        if counts:
+            click.echo(f"{name} ledger: " + ", ".join(f"{s} {n}" for s, n in sorted(counts.items())))
 
 
 @campaigns.command("redrive")
 @click.argument("campaign_id", type=int)
 def campaigns_redrive(campaign_id: int) -> None:
-    """Resume a campaign's failed runs and send its failed grants again (same idempotency keys)."""
-    from shared.flows.ledger import redrive_campaign
-    from workers.app import publish
+    """Resume a campaign's failed runs and deliver its failed grants and sends again (same idempotency keys)."""
+    from shared.broker import publish
+    from shared.flows.sweeper import redrive_campaign
 
     app, _ = _celery()
-    runs, grants, items = redrive_campaign(app.relay_runtime, campaign_id)
+    runs, rows, items = redrive_campaign(app.relay_runtime, campaign_id)
     publish(app, items)
-    click.echo(f"campaign {campaign_id}: resuming {runs} failed run(s), re-sending {grants} failed grant(s)")
+    click.echo(f"campaign {campaign_id}: resuming {runs} failed run(s), re-sending {rows['grants']} failed "
+               f"grant(s) and {rows['sends']} failed send(s)")
 
 
 from cli.simulate import simulate  # noqa: E402

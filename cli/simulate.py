@@ -21,7 +21,7 @@ def _up_info(data_dir: Path) -> dict:
 
 @click.group()
 def simulate() -> None:
-    """The simulator: fake Optimove and bonus system, and a driver that plays Optimove."""
+    """The simulator: fake Optimove, bonus system and send service, and drivers that play Optimove."""
 
 
 @simulate.command("campaign")
@@ -73,10 +73,76 @@ def campaign(data_dir: Path, channels: str, customers: int, overlap: float, mult
     sys.exit(0 if summary.get("ok") else 1)
 
 
+# the campaign driver's default channels; a real-time run prefers a channel of its own
+CAMPAIGN_CHANNELS = ("504", "505", "506")
+
+
+def _realtime_channel(info: dict, role: str, channel: int | None) -> int:
+    """The channel to trigger: ``channel`` if given (checked against the relay's roles), else the
+    first channel with ``role`` outside the campaign driver's 504-506, else the first with it."""
+    roles = {str(key): value.get("role") if isinstance(value, dict) else value
+             for key, value in (info.get("channels") or {}).items()}
+    if channel is not None:
+        if roles.get(str(channel), role) != role:
+            raise click.BadParameter(f"channel {channel} has role {roles[str(channel)]!r} in the relay's "
+                                     f"channel config, not {role!r}", param_hint="--channel")
+        return channel
+    matching = [key for key, value in roles.items() if value == role]
+    if not matching:
+        raise click.ClickException(
+            f"no channel of the running relay has the role {role!r}. Point RELAY_CHANNEL_CONFIG at a "
+            f"JSON file such as {{\"default_role\": \"bonus\", \"channels\": {{\"610\": {{\"role\": "
+            f"\"{role}\"}}}}}}, restart `relay up`, or pass --channel")
+    preferred = [key for key in matching if key not in CAMPAIGN_CHANNELS]
+    return int((preferred or matching)[0])
+
+
+@simulate.command("realtime")
+@click.option("--data-dir", default=".relay", show_default=True, type=click.Path(path_type=Path),
+              help="data folder of the running `relay up`")
+@click.option("--rate", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="triggers per second")
+@click.option("--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds of triggers")
+@click.option("--role", type=click.Choice(["bonus", "send"]), default="bonus", show_default=True,
+              help="grant promo codes (bonus) or send a template (send)")
+@click.option("--channel", type=int, default=None,
+              help="default: the relay's first channel with the role, preferring one outside 504-506")
+@click.option("--campaign-id", type=int, default=None, help="default: a random one")
+@click.option("--timeout", default=60.0, show_default=True,
+              help="seconds to wait for the effects after the last trigger")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def realtime(data_dir: Path, rate: float, duration: float, role: str, channel: int | None,
+             campaign_id: int | None, timeout: float, as_json: bool) -> None:
+    """Fire real-time triggers (EventTypeID 11) at the relay, wait for their effects, and summarise."""
+    from simulator.realtime import format_realtime_summary, run_realtime
+
+    info = _up_info(data_dir)
+    admin_url = info["simulator"].get(f"{role}_admin_url")
+    if not admin_url:
+        raise click.ClickException(f"the running simulator has no fake {role} service; restart `relay up`")
+    channel_id = _realtime_channel(info, role, channel)
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if not as_json:
+            click.echo(f"\r{phase:<8} {done}/{total}   ", nl=False, err=True)
+
+    try:
+        summary = run_realtime(info["listener_url"], admin_url, role, channel_id, campaign_id=campaign_id,
+                               rate=rate, duration=duration, timeout=timeout, progress=progress)
+    except (TimeoutError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if not as_json:
+            click.echo("", err=True)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_realtime_summary(summary))
+    sys.exit(0 if summary.get("ok") else 1)
+
+
 @simulate.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def serve(ctx: click.Context) -> None:
-    """Run the fake Optimove and fake bonus system (same options as `python -m simulator serve`)."""
+    """Run the fake Optimove, bonus system and send service (options of `python -m simulator serve`)."""
     from simulator.__main__ import main as sim_main
 
     sys.exit(sim_main(["serve", *ctx.args]))

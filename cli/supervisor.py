@@ -19,9 +19,16 @@ from pathlib import Path
 import requests
 
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
+from shared.dispatch import CAMPAIGN_QUEUES, REALTIME
 from shared.settings import Settings
 
-COLOURS = {"web": 32, "worker": 34, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
+COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
+
+# The channels of the simulator's demo (used when RELAY_CHANNEL_CONFIG is unset): the campaign
+# driver's bonus channels, and a bonus and a send channel for real-time triggers.
+DEMO_CHANNELS = {"default_role": "bonus", "channels": {
+    "504": {"role": "bonus"}, "505": {"role": "bonus"}, "506": {"role": "bonus"},
+    "600": {"role": "bonus", "events": [11]}, "610": {"role": "send", "events": [13, 11]}}}
 
 
 def say(name: str, line: str) -> None:
@@ -136,12 +143,15 @@ class Supervisor:
             env["RELAY_ADMIN_PASSWORD"] = password
         if self.attach_simulator:
             self._start_simulator(env, generated["simulator_api_key"])
+        channels = self._channel_roles(env)
         env["PYTHONUNBUFFERED"] = "1"
         relay = [sys.executable, "-m", "cli.main"]
         self.flower_port = free_port(self.flower_port)
         for child in (
             Child("web", relay + ["web", "--port", str(self.port)]),
-            Child("worker", relay + ["worker", "--concurrency", str(self.workers)]),
+            Child("worker", relay + ["worker", "--queues", ",".join(CAMPAIGN_QUEUES),
+                                     "--concurrency", str(self.workers)]),
+            Child("realtime", relay + ["worker", "--queues", REALTIME, "--concurrency", "2"]),
             Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
             Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
         ):
@@ -157,15 +167,16 @@ class Supervisor:
             f"  metrics  : {base}/metrics",
         ]
         if self.attach_simulator:
-            lines += ["  simulator: fake Optimove and fake bonus system attached (no OPTIMOVE_API_URL set)",
-                      "  try it   : relay simulate campaign" + self._data_dir_option()]
+            lines += ["  simulator: fake Optimove, bonus system and send service attached (no OPTIMOVE_API_URL set)",
+                      "  try it   : relay simulate campaign" + self._data_dir_option(),
+                      "             relay simulate realtime --role send" + self._data_dir_option()]
         lines.append("Ctrl-C stops everything.")
         for line in lines:
             say("relay", line)
         (self.data_dir / "up.json").write_text(json.dumps({
             "url": base, "listener_url": f"{base}/optimove/events?token={token}",
             "admin_user": self.settings.admin_user, "admin_password": password,
-            "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(),
+            "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(), "channels": channels,
             **getattr(self, "simulator_info", {}),
         }))
         (self.data_dir / "up.json").chmod(0o600)
@@ -194,6 +205,19 @@ class Supervisor:
                     "BONUS_ADAPTER": "http", "BONUS_URL": info["bonus_url"]})
         if env.get("BONUS_MODE") == "single":
             env["BONUS_URL"] = info["bonus_single_url"]
+        if not self.settings.send_url:
+            env.update({"SEND_ADAPTER": "http", "SEND_URL": info["send_url"]})
+            if env.get("SEND_MODE") == "single":
+                env["SEND_URL"] = info["send_single_url"]
+
+    def _channel_roles(self, env: dict[str, str]) -> dict[str, str]:
+        """Channel id -> role of the channel config; with the simulator and no config, the demo's (written to a file)."""
+        if self.attach_simulator and not self.settings.channel_config_path:
+            path = self.data_dir / "demo-channels.json"
+            path.write_text(json.dumps(DEMO_CHANNELS, indent=2))
+            env["RELAY_CHANNEL_CONFIG"] = str(path)
+            return {k: v["role"] for k, v in DEMO_CHANNELS["channels"].items()}
+        return {str(k): v for k, v in self.settings.channels.roles.items()}
 
     def _wait_ready(self, timeout: float = 60) -> None:
         web = next(c for c in self.children if c.name == "web")

@@ -1,4 +1,7 @@
-"""Work to enqueue once the current transaction has committed.
+"""Task names, queues, and the work to enqueue once the current transaction has committed.
+
+This is the one place that names the relay's Celery tasks and queues: the task layer
+(`workers/tasks.py`), the domain code and the tests all take them from here.
 
 Domain functions return `Enqueue` items instead of publishing; the Celery layer publishes them
 after commit (enqueue-after-commit, STYLE.md lesson 5). Only ids and plain values cross the queue.
@@ -8,12 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+REALTIME = "realtime"            # real-time triggers and everything they cause
+NOTIFICATIONS = "notifications"  # inbox rows of campaign events, and the sweeper
+CAMPAIGNS = "campaigns"          # page fetching
+GRANTS = "grants"                # bonus and send calls of campaigns
+QUEUES = (REALTIME, NOTIFICATIONS, CAMPAIGNS, GRANTS)
+CAMPAIGN_QUEUES = (NOTIFICATIONS, CAMPAIGNS, GRANTS)
+
 PROCESS_NOTIFICATION = "relay.process_notification"
 FETCH_PAGE = "relay.fetch_page"
 GRANT_BATCH = "relay.grant_batch"
+SEND_BATCH = "relay.send_batch"
 SWEEP = "relay.sweep"
+TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP)
 
-QUEUES = ("realtime", "notifications", "campaigns", "grants")
+REALTIME_EVENT_TYPES = (11,)
+REALTIME_SOURCES = ("realtime",)
 
 
 @dataclass(frozen=True)
@@ -26,26 +39,35 @@ class Enqueue:
     countdown: float | None = None
 
 
+def notification_queue(event_type: int) -> str:
+    """Real-time triggers have their own queue, never behind a campaign."""
+    return REALTIME if event_type in REALTIME_EVENT_TYPES else NOTIFICATIONS
+
+
+def delivery_queue(source: str) -> str:
+    """The queue of a ledger row's delivery: real-time rows stay on `realtime`."""
+    return REALTIME if source in REALTIME_SOURCES else GRANTS
+
+
 def process_notification(notification_id: int, event_type: int, countdown: float | None = None) -> Enqueue:
-    """The task that processes one inbox row; real-time triggers get their own queue."""
-    queue = "realtime" if event_type == 11 else "notifications"
-    return Enqueue(PROCESS_NOTIFICATION, (notification_id,), queue, countdown)
+    """The task that processes one inbox row."""
+    return Enqueue(PROCESS_NOTIFICATION, (notification_id,), notification_queue(event_type), countdown)
 
 
 def fetch_page(run_id: int, countdown: float | None = None) -> Enqueue:
     """The task that fetches and claims the next page of a run."""
-    return Enqueue(FETCH_PAGE, (run_id,), "campaigns", countdown)
+    return Enqueue(FETCH_PAGE, (run_id,), CAMPAIGNS, countdown)
 
 
-def grant_batch(run_id: int | None, grant_ids: list[int], countdown: float | None = None) -> Enqueue:
-    """The task that delivers claimed grants to the bonus system."""
-    return Enqueue(GRANT_BATCH, (run_id, list(grant_ids)), "grants", countdown)
+def sweep() -> Enqueue:
+    """The sweeper (beat schedules it; `relay sweep` runs it once)."""
+    return Enqueue(SWEEP, (), NOTIFICATIONS)
 
 
-def grant_batches(grants: Iterable[tuple[int | None, int]], size: int) -> list[Enqueue]:
-    """Grant tasks for (run id, grant id) pairs: grouped by run, at most `size` grants each."""
-    per_run: dict[int | None, list[int]] = {}
-    for run_id, grant_id in grants:
-        per_run.setdefault(run_id, []).append(grant_id)
-    return [grant_batch(run_id, ids[i:i + size]) for run_id, ids in per_run.items()
-            for i in range(0, len(ids), size)]
+def deliveries(task: str, rows: Iterable[tuple[int | None, int, str]], size: int) -> list[Enqueue]:
+    """Delivery tasks for (run id, row id, source) triples: grouped by run and queue, `size` rows each."""
+    groups: dict[tuple[int | None, str], list[int]] = {}
+    for run_id, row_id, source in rows:
+        groups.setdefault((run_id, delivery_queue(source)), []).append(row_id)
+    return [Enqueue(task, (run_id, ids[i:i + size]), queue)
+            for (run_id, queue), ids in groups.items() for i in range(0, len(ids), size)]

@@ -93,7 +93,7 @@ def count_notifications(conn: Connection) -> int:
 # -- campaign runs -------------------------------------------------------------------------
 
 RUN_COLUMNS = ("id, notification_id, flow, campaign_id, channel_id, status, cursor, fetch_done, pages_fetched, "
-               "fetched, claimed, duplicates_skipped, granted, rejected, failed, attempts, last_error, "
+               "fetched, claimed, duplicates_skipped, granted, sent, rejected, failed, attempts, last_error, "
                "created_at, updated_at, finished_at")
 
 
@@ -145,11 +145,12 @@ def fail_run(conn: Connection, run_id: int, reason: str) -> None:
 
 
 def finish_run_if_complete(conn: Connection, run_id: int) -> bool:
-    """Mark a run `done` once all pages are fetched and no grant of it is still claimed."""
-    return conn.execute(sa.text("""
+    """Mark a run `done` once all pages are fetched and no row of it, in any ledger, is still claimed."""
+    in_flight = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = 'claimed')"
+                             for t in LEDGER_TABLES)
+    return conn.execute(sa.text(f"""
         UPDATE campaign_runs SET status = 'done', finished_at = now(), updated_at = now()
-        WHERE id = :id AND status = 'running' AND fetch_done
-          AND NOT EXISTS (SELECT 1 FROM grants WHERE run_id = :id AND status = 'claimed')
+        WHERE id = :id AND status = 'running' AND fetch_done AND {in_flight}
         RETURNING id"""), {"id": run_id}).first() is not None
 
 
@@ -169,122 +170,142 @@ def claim_stale_runs(conn: Connection, older_than_s: float, limit: int = 500) ->
         RETURNING id, fetch_done"""), {"age": older_than_s, "limit": limit}))
 
 
-# -- grant ledger --------------------------------------------------------------------------
+# -- ledgers (grants, sends) ---------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ClaimedGrant:
-    """A ledger row that this caller owns and must deliver."""
+class LedgerTable:
+    """A ledger table: rows move `claimed -> <done> | rejected | failed`; `done` is also the run's count column."""
+
+    name: str
+    done: str
+    unique: str
+    columns: tuple[str, ...]
+
+
+GRANTS = LedgerTable("grants", "granted", "grants_once_per_scope",
+                     ("campaign_id", "channel_id", "customer_id", "promo_code", "notification_id", "scope"))
+SENDS = LedgerTable("sends", "sent", "sends_once_per_scope",
+                    ("campaign_id", "channel_id", "customer_id", "template_id", "attributes", "promo_codes",
+                     "scheduled_time", "notification_id", "scope"))
+LEDGER_TABLES = (GRANTS, SENDS)
+
+
+@dataclass(frozen=True)
+class ClaimedRow:
+    """A ledger row this caller owns and must deliver: its key, source, attempts and `table.columns`."""
 
     id: int
-    campaign_id: int
-    channel_id: int | None
-    customer_id: str
-    promo_code: str
+    run_id: int | None
     source: str
+    idempotency_key: str
     attempts: int
+    values: dict[str, Any]
 
 
-def claim_grants(conn: Connection, *, run_id: int | None, campaign_id: int, channel_id: int | None,
-                 source: str, pairs: Sequence[tuple[str, str]]) -> list[int]:
-    """Claim (customer, promo) pairs of a campaign in one statement; return the ids this call claimed.
+def claim(conn: Connection, table: LedgerTable, fixed: dict[str, Any],
+          varying: dict[str, tuple[str, Sequence[Any]]]) -> list[int]:
+    """Insert ledger rows in one statement; return the ids this call claimed.
 
-    Pairs already in the ledger (another channel, a duplicate notification) are skipped by the
-    unique constraint, not by a check, so concurrent claimers never both win.
+    `fixed` holds the values shared by every row, `varying` a (Postgres type, values) column per
+    field, all of the same length. Rows already in the ledger (another channel, a duplicate
+    notification) are skipped by the unique constraint, not by a check, so concurrent claimers
+    never both win. Callers sort the rows by the unique key, so concurrent claimers of
+    overlapping pages take their row locks in the same order and cannot deadlock.
     """
-    if not pairs:
+    if not varying or not next(iter(varying.values()))[1]:
         return []
-    # Sorted, so concurrent claimers of overlapping pages (two channels of one campaign) take
-    # their row locks in the same order and cannot deadlock.
-    pairs = sorted(pairs)
-    # Two text arrays instead of a VALUES list: Postgres parses and plans one small statement
-    # instead of 15,000 row literals (about 2.5x the rows/s for an Optimove page).
+    names = list(fixed) + list(varying)
+    # Arrays through unnest instead of a VALUES list: Postgres parses and plans one small
+    # statement instead of 15,000 row literals (about 2.5x the rows/s for an Optimove page).
+    select = ", ".join(["%s"] * len(fixed) + [f"u.{name}" for name in varying])
+    arrays = ", ".join(f"%s::{pg_type}[]" for pg_type, _ in varying.values())
     cur = _raw(conn)
-    cur.execute("""
-        INSERT INTO grants (campaign_id, customer_id, promo_code, channel_id, run_id, source)
-        SELECT %s, p.customer_id, p.promo_code, %s, %s, %s
-        FROM unnest(%s::text[], %s::text[]) AS p(customer_id, promo_code)
-        ON CONFLICT ON CONSTRAINT grants_once_per_campaign DO NOTHING RETURNING id""",
-        (campaign_id, channel_id, run_id, source, [c for c, _ in pairs], [p for _, p in pairs]))
+    cur.execute(f"""
+        INSERT INTO {table.name} ({", ".join(names)})
+        SELECT {select} FROM unnest({arrays}) AS u({", ".join(varying)})
+        ON CONFLICT ON CONSTRAINT {table.unique} DO NOTHING RETURNING id""",
+                (*fixed.values(), *(list(values) for _, values in varying.values())))
     return [r[0] for r in cur.fetchall()]
 
 
-def claimed_grants(conn: Connection, ids: Iterable[int]) -> list[ClaimedGrant]:
+def claimed_rows(conn: Connection, table: LedgerTable, ids: Iterable[int]) -> list[ClaimedRow]:
     """The rows among `ids` that are still `claimed` (already settled ones are left out)."""
     ids = list(ids)
     if not ids:
         return []
     cur = _raw(conn)
-    cur.execute("""
-        SELECT id, campaign_id, channel_id, customer_id, promo_code, source, attempts
-        FROM grants WHERE id = ANY(%s::bigint[]) AND status = 'claimed' ORDER BY id""", (ids,))
-    return [ClaimedGrant(*row) for row in cur.fetchall()]
+    cur.execute(f"""
+        SELECT id, run_id, source, idempotency_key, attempts, {", ".join(table.columns)}
+        FROM {table.name} WHERE id = ANY(%s::bigint[]) AND status = 'claimed' ORDER BY id""", (ids,))
+    return [ClaimedRow(*row[:5], dict(zip(table.columns, row[5:]))) for row in cur.fetchall()]
 
 
 @dataclass
 class Settlement:
-    """How many grants of one batch moved to each final state."""
+    """How many rows of one batch moved to each final state."""
 
-    granted: int = 0
+    done: int = 0
     rejected: int = 0
     failed: int = 0
     retry_ids: list[int] | None = None
 
 
-def settle_grants(conn: Connection, run_id: int | None, *, granted: Sequence[tuple[int, str | None]],
-                  rejected: Sequence[tuple[int, str]], retry: Sequence[tuple[int, str]],
-                  max_attempts: int) -> Settlement:
-    """Record a bonus-system reply; only `claimed` rows move, so a replayed batch counts nothing twice."""
+def settle(conn: Connection, table: LedgerTable, run_id: int | None, *, done: Sequence[tuple[int, str | None]],
+           rejected: Sequence[tuple[int, str]], retry: Sequence[tuple[int, str]], max_attempts: int) -> Settlement:
+    """Record a peer's reply; only `claimed` rows move, so a replayed batch counts nothing twice."""
     cur = _raw(conn)
     out = Settlement(retry_ids=[])
     # Arrays through unnest rather than VALUES lists: one short statement whatever the batch size.
-    if granted:
-        cur.execute("""
-            UPDATE grants g SET status = 'granted', reference = v.ref, attempts = g.attempts + 1,
+    if done:
+        cur.execute(f"""
+            UPDATE {table.name} t SET status = '{table.done}', reference = v.ref, attempts = t.attempts + 1,
                    reason = NULL, updated_at = now()
-            FROM unnest(%s::bigint[], %s::text[]) AS v(id, ref) WHERE g.id = v.id AND g.status = 'claimed'""",
-            ([i for i, _ in granted], [ref for _, ref in granted]))
-        out.granted = cur.rowcount
+            FROM unnest(%s::bigint[], %s::text[]) AS v(id, ref) WHERE t.id = v.id AND t.status = 'claimed'""",
+                    ([i for i, _ in done], [ref for _, ref in done]))
+        out.done = cur.rowcount
     if rejected:
-        cur.execute("""
-            UPDATE grants g SET status = 'rejected', reason = v.reason, attempts = g.attempts + 1, updated_at = now()
-            FROM unnest(%s::bigint[], %s::text[]) AS v(id, reason) WHERE g.id = v.id AND g.status = 'claimed'""",
-            ([i for i, _ in rejected], [r[:1000] for _, r in rejected]))
+        cur.execute(f"""
+            UPDATE {table.name} t SET status = 'rejected', reason = v.reason, attempts = t.attempts + 1,
+                   updated_at = now()
+            FROM unnest(%s::bigint[], %s::text[]) AS v(id, reason) WHERE t.id = v.id AND t.status = 'claimed'""",
+                    ([i for i, _ in rejected], [r[:1000] for _, r in rejected]))
         out.rejected = cur.rowcount
     if retry:
-        cur.execute("""
-            UPDATE grants g SET attempts = g.attempts + 1, reason = v.reason, updated_at = now(),
-                   status = CASE WHEN g.attempts + 1 >= %s THEN 'failed' ELSE 'claimed' END
-            FROM unnest(%s::bigint[], %s::text[]) AS v(id, reason) WHERE g.id = v.id AND g.status = 'claimed'
-            RETURNING g.id, g.status""",
-            (int(max_attempts), [i for i, _ in retry], [r[:1000] for _, r in retry]))
+        cur.execute(f"""
+            UPDATE {table.name} t SET attempts = t.attempts + 1, reason = v.reason, updated_at = now(),
+                   status = CASE WHEN t.attempts + 1 >= %s THEN 'failed' ELSE 'claimed' END
+            FROM unnest(%s::bigint[], %s::text[]) AS v(id, reason) WHERE t.id = v.id AND t.status = 'claimed'
+            RETURNING t.id, t.status""",
+                    (int(max_attempts), [i for i, _ in retry], [r[:1000] for _, r in retry]))
         rows = cur.fetchall()
         out.failed = sum(1 for _, status in rows if status == "failed")
         out.retry_ids = [i for i, status in rows if status == "claimed"]
-    if run_id is not None and (out.granted or out.rejected or out.failed):
-        conn.execute(sa.text("""
-            UPDATE campaign_runs SET granted = granted + :g, rejected = rejected + :r, failed = failed + :f,
-                   updated_at = now() WHERE id = :id"""),
-                     {"id": run_id, "g": out.granted, "r": out.rejected, "f": out.failed})
+    if run_id is not None and (out.done or out.rejected or out.failed):
+        conn.execute(sa.text(f"""
+            UPDATE campaign_runs SET {table.done} = {table.done} + :d, rejected = rejected + :r,
+                   failed = failed + :f, updated_at = now() WHERE id = :id"""),
+                     {"id": run_id, "d": out.done, "r": out.rejected, "f": out.failed})
     return out
 
 
-def claim_stale_grants(conn: Connection, older_than_s: float, limit: int = 10_000) -> list[tuple[int | None, int]]:
-    """(run_id, grant id) of claimed grants untouched for `older_than_s`; their clock is reset."""
-    return [tuple(r) for r in conn.execute(sa.text("""
-        UPDATE grants SET updated_at = now()
-        WHERE id IN (SELECT id FROM grants WHERE status = 'claimed'
+def claim_stale(conn: Connection, table: LedgerTable, older_than_s: float,
+                limit: int = 10_000) -> list[tuple[int | None, int, str]]:
+    """(run_id, id, source) of claimed rows untouched for `older_than_s`; their clock is reset."""
+    return [tuple(r) for r in conn.execute(sa.text(f"""
+        UPDATE {table.name} SET updated_at = now()
+        WHERE id IN (SELECT id FROM {table.name} WHERE status = 'claimed'
                        AND updated_at < now() - make_interval(secs => :age)
                      ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED)
-        RETURNING run_id, id"""), {"age": older_than_s, "limit": limit})]
+        RETURNING run_id, id, source"""), {"age": older_than_s, "limit": limit})]
 
 
-def redrive_failed_grants(conn: Connection, campaign_id: int) -> list[tuple[int | None, int]]:
-    """Put a campaign's failed grants back to `claimed` with fresh attempts; return (run_id, id)."""
-    rows = [tuple(r) for r in conn.execute(sa.text("""
-        UPDATE grants SET status = 'claimed', attempts = 0, updated_at = now()
-        WHERE campaign_id = :c AND status = 'failed' RETURNING run_id, id"""), {"c": campaign_id})]
+def redrive_failed(conn: Connection, table: LedgerTable, campaign_id: int) -> list[tuple[int | None, int, str]]:
+    """Put a campaign's failed rows back to `claimed` with fresh attempts; return (run_id, id, source)."""
+    rows = [tuple(r) for r in conn.execute(sa.text(f"""
+        UPDATE {table.name} SET status = 'claimed', attempts = 0, updated_at = now()
+        WHERE campaign_id = :c AND status = 'failed' RETURNING run_id, id, source"""), {"c": campaign_id})]
     per_run: dict[int, int] = {}
-    for run_id, _ in rows:
+    for run_id, _, _ in rows:
         if run_id is not None:
             per_run[run_id] = per_run.get(run_id, 0) + 1
     for run_id, n in per_run.items():
@@ -301,7 +322,7 @@ def redrive_failed_runs(conn: Connection, campaign_id: int) -> list[dict[str, An
         WHERE campaign_id = :c AND status = 'failed' RETURNING id, fetch_done"""), {"c": campaign_id}))
 
 
-def grant_counts(conn: Connection, campaign_id: int) -> dict[str, int]:
+def ledger_counts(conn: Connection, table: LedgerTable, campaign_id: int) -> dict[str, int]:
     """Ledger rows of a campaign by status."""
     return {s: n for s, n in conn.execute(sa.text(
-        "SELECT status, count(*) FROM grants WHERE campaign_id = :c GROUP BY status"), {"c": campaign_id})}
+        f"SELECT status, count(*) FROM {table.name} WHERE campaign_id = :c GROUP BY status"), {"c": campaign_id})}

@@ -1,4 +1,4 @@
-"""Per-process resources built from the settings: engine, Redis, Optimove client, bonus adapter.
+"""Per-process resources built from the settings: engine, Redis, Optimove client, bonus and send adapters.
 
 Created lazily and re-created after a fork, so a Celery prefork child never shares its parent's
 sockets.
@@ -23,7 +23,7 @@ class Runtime:
 
     def _forget(self) -> None:
         """Drop every resource built in the parent: a child opens its own connections."""
-        for name in ("engine", "redis", "optimove", "bonus", "limiter"):
+        for name in ("engine", "redis", "optimove", "bonus", "send", "limiter"):
             self.__dict__.pop(name, None)
 
     @cached_property
@@ -65,3 +65,10 @@ class Runtime:
         from shared.adapters.bonus import load_bonus_adapter
 
         return load_bonus_adapter(self.settings)
+
+    @cached_property
+    def send(self):
+        """The configured send adapter."""
+        from shared.adapters.send import load_send_adapter
+
+        return load_send_adapter(self.settings)

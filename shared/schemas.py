@@ -221,3 +221,24 @@ def parse_notification(body: Any, event_type_hint: Any = None) -> Notification:
         template_id=data["TemplateID"],
         promo_codes=data["PromoCode"],
     )
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A real-time trigger (EventTypeID 11): who, what, and the trigger event's own parameters."""
+
+    campaign_id: int
+    channel_id: int | None
+    customer_id: str
+    template_id: int | None
+    promo_codes: list[str]
+    attributes: dict[str, Any]
+
+
+def parse_trigger(payload: Mapping[str, Any]) -> Trigger:
+    """The trigger of a stored EventTypeID 11 payload; `attributes` are the fields other than the known ones
+    (EventTypeID, TimeStamp, CampaignID, ChannelID, CustomerID, TemplateID, PromoCode in any casing), as sent."""
+    data = _SCHEMA.load(dict(payload))
+    attributes = {str(k): v for k, v in payload.items() if str(k).replace("_", "").lower() not in _CANONICAL}
+    return Trigger(data["CampaignID"], data["ChannelID"], data["CustomerID"], data["TemplateID"],
+                   data["PromoCode"], attributes)

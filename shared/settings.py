@@ -223,6 +223,19 @@ class Settings:
     bonus_max_attempts: int = _opt("BONUS_MAX_ATTEMPTS", _int(1, 100), 8)
     bonus_timeout: float = _opt("BONUS_TIMEOUT", _float(0.1), 10.0)
     bonus_auth_header: Secret | None = _opt("BONUS_AUTH_HEADER", _header, doc="'Name: value' sent to the bonus system")
+    send_adapter: str = _opt("SEND_ADAPTER", None, "http", "send adapter name: http, log, fake or an entry point")
+    send_url: str | None = _opt("SEND_URL", _url(("http", "https")), doc="marketing platform send endpoint")
+    send_mode: str = _opt("SEND_MODE", _choice("batch", "single"), "batch",
+                          "batch (one POST per chunk) or single (one POST per send)")
+    send_batch_size: int = _opt("SEND_BATCH_SIZE", _int(1, 100_000), 500, "sends per batch call")
+    send_concurrency: int = _opt("SEND_CONCURRENCY", _int(1, 256), 16, "concurrent calls per task in single mode")
+    send_timeout: float = _opt("SEND_TIMEOUT", _float(0.1), 10.0, "seconds per send call")
+    send_max_attempts: int = _opt("SEND_MAX_ATTEMPTS", _int(1, 100), 8, "attempts per send before it is parked")
+    send_auth_header: Secret | None = _opt("SEND_AUTH_HEADER", _header, doc="'Name: value' sent to the platform")
+    realtime_grant_policy: str = _opt("RELAY_REALTIME_GRANT_POLICY",
+                                      _choice("once_per_notification", "once_per_campaign"),
+                                      "once_per_notification",
+                                      "how often a real-time campaign may grant one promo code to one customer")
     flower_basic_auth: Secret | None = _opt("FLOWER_BASIC_AUTH", _secret, doc="user:password for Flower")
     channels: ChannelConfig = field(default_factory=ChannelConfig)
 

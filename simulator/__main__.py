@@ -23,10 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the fake Optimove and the fake bonus system")
+    serve = commands.add_parser("serve", help="run the fake Optimove, bonus system and send service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--optimove-port", type=int, default=0, help="0 picks a free port")
     serve.add_argument("--bonus-port", type=int, default=0, help="0 picks a free port")
+    serve.add_argument("--send-port", type=int, default=0, help="0 picks a free port")
     serve.add_argument("--api-key", default=os.environ.get("SIMULATOR_API_KEY"),
                        required=not os.environ.get("SIMULATOR_API_KEY"),
                        help="API key the fake Optimove accepts (default: $SIMULATOR_API_KEY)")
@@ -38,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--latency-ms", type=float, default=0)
     serve.add_argument("--timeout-sleep-s", type=float, default=15.0)
     serve.add_argument("--reject-code", action="append", default=[], dest="reject_codes")
+    serve.add_argument("--reject-template-id", type=int, action="append", default=[],
+                       dest="reject_template_ids", help="templates the fake send service rejects")
     serve.add_argument("--seed", type=int, default=None)
-    serve.add_argument("--ready-file", help="write the URLs here as JSON once both servers listen")
+    serve.add_argument("--ready-file", help="write the URLs here as JSON once the servers listen")
 
     drive = commands.add_parser("drive", help="play Optimove against a running relay")
     drive.add_argument("--listener-url", required=True, help="includes ?token=...")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             failure_rate=args.failure_rate, timeout_rate=args.timeout_rate,
             drop_after_apply_rate=args.drop_after_apply_rate, item_retry_rate=args.item_retry_rate,
             latency_ms=args.latency_ms, timeout_sleep_s=args.timeout_sleep_s,
-            reject_codes=tuple(args.reject_codes), seed=args.seed)
+            reject_codes=tuple(args.reject_codes), seed=args.seed, send_port=args.send_port,
+            send_faults={"reject_template_ids": tuple(args.reject_template_ids), "seed": args.seed})
         return 0
     summary = driver.run_campaign(
         args.listener_url, args.optimove_url, args.bonus_admin_url, args.status_url,

@@ -1,61 +1,87 @@
-"""The fake bonus system's ledger: grants applied once per idempotency key, counted per triple."""
+"""Ledger of a fake peer (bonus system, send service).
+
+Each idempotency key is applied at most once. Applications, rejections and the time the
+first call carrying it arrived are kept per *ledger key* (what the effect is about, e.g.
+campaign, customer, code and notification for a grant); an application is a duplicate only
+when one ledger key is applied under two different idempotency keys.
+"""
 
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 
-@dataclass
-class Grant:
-    """One grant request as the bonus system receives it."""
-
-    idempotency_key: str
-    campaign_id: int | str
-    customer_id: str
-    promo_code: str
-    channel_id: int | None = None
-    source: str | None = None
-
-    @property
-    def triple(self) -> tuple:
-        """The (campaign_id, customer_id, promo_code) the bonus is about."""
-        return (self.campaign_id, self.customer_id, self.promo_code)
+class InvalidItem(ValueError):
+    """An item (a grant or a send) is missing a field or has the wrong type; the message names it."""
 
 
-class InvalidGrant(ValueError):
-    """A grant object is missing a field or has the wrong type."""
-
-
-def parse_grant(raw: object, header_key: str | None = None) -> Grant:
-    """Build a Grant from JSON; ``header_key`` (an Idempotency-Key header) takes precedence."""
+def idempotency_key_of(raw: object, header_key: str | None, what: str) -> str:
+    """The item's idempotency key; an ``Idempotency-Key`` header takes precedence over the body's."""
     if not isinstance(raw, dict):
-        raise InvalidGrant("a grant must be a JSON object")
+        raise InvalidItem(f"a {what} must be a JSON object")
     body_key = raw.get("idempotency_key")
     if header_key and body_key and header_key != body_key:
-        raise InvalidGrant("Idempotency-Key header does not match the body's idempotency_key")
+        raise InvalidItem("Idempotency-Key header does not match the body's idempotency_key")
     key = header_key or body_key
     if not isinstance(key, str) or not key:
-        raise InvalidGrant("idempotency_key is required")
-    campaign_id = raw.get("campaign_id")
-    if isinstance(campaign_id, str) and campaign_id.isdigit():
-        campaign_id = int(campaign_id)
-    if not isinstance(campaign_id, int) or isinstance(campaign_id, bool):
-        raise InvalidGrant(f"{key}: campaign_id must be an integer")
-    for name in ("customer_id", "promo_code"):
-        if not isinstance(raw.get(name), str) or not raw[name]:
-            raise InvalidGrant(f"{key}: {name} must be a non-empty string")
-    return Grant(key, campaign_id, raw["customer_id"], raw["promo_code"],
-                 raw.get("channel_id"), raw.get("source"))
+        raise InvalidItem("idempotency_key is required")
+    return key
+
+
+def int_field(raw: dict, name: str, key: str, optional: bool = False) -> int | None:
+    """``raw[name]`` as an integer (a numeric string is accepted); None only when ``optional``."""
+    value = raw.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidItem(f"{key}: {name} must be an integer{' or null' if optional else ''}")
+    return value
+
+
+def text_field(raw: dict, name: str, key: str) -> str:
+    """``raw[name]`` as a non-empty string."""
+    value = raw.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidItem(f"{key}: {name} must be a non-empty string")
+    return value
+
+
+@dataclass(slots=True)
+class Entry:
+    """What the ledger knows about one ledger key."""
+
+    idempotency_key: str
+    first_received_at: float
+    source: Any
+    applications: int = 0
+    rejections: int = 0
+
+    def to_json(self, key: tuple) -> dict:
+        """The entry as listed by ``GET /_sim/ledger?full=1``."""
+        return {"key": list(key), "idempotency_key": self.idempotency_key,
+                "first_received_at": self.first_received_at, "applications": self.applications,
+                "rejections": self.rejections, "source": self.source}
 
 
 @dataclass
 class Ledger:
-    """Results per idempotency key and applications per triple. Not thread-safe: callers lock."""
+    """Results per idempotency key and an Entry per ledger key. Not thread-safe: callers lock.
 
+    Items need ``idempotency_key``, ``ledger_key`` (a tuple whose first element is the
+    campaign id) and ``source``.
+    """
+
+    reference_prefix: str = "BON"
+    applied_status: str = "granted"
     results: dict[str, dict] = field(default_factory=dict)
-    applications: dict[tuple, int] = field(default_factory=dict)
+    entries: dict[tuple, Entry] = field(default_factory=dict)
     applied: int = 0
+    unique_keys: int = 0
     rejected: int = 0
     calls: int = 0
     items_received: int = 0
@@ -63,34 +89,49 @@ class Ledger:
         default_factory=lambda: {"failure": 0, "timeout": 0, "drop": 0, "item_retry": 0})
     _references: itertools.count = field(default_factory=lambda: itertools.count(1))
 
-    def record(self, grant: Grant, reject_codes: frozenset) -> tuple[dict, bool]:
-        """Apply or reject a grant once per key; return (stored result, is_new)."""
-        known = self.results.get(grant.idempotency_key)
+    def receive(self, items: list, now: float) -> None:
+        """Count a call and note ``now`` as the first receive time of every new ledger key in it."""
+        self.calls += 1
+        self.items_received += len(items)
+        entries = self.entries
+        for item in items:
+            if item.ledger_key not in entries:
+                entries[item.ledger_key] = Entry(item.idempotency_key, now, item.source)
+
+    def record(self, item, reject_reason: str | None) -> tuple[dict, bool]:
+        """Apply or reject an item once per idempotency key; return (stored result, is_new)."""
+        known = self.results.get(item.idempotency_key)
         if known is not None:
             return known, False
-        if grant.promo_code in reject_codes:
-            result = {"idempotency_key": grant.idempotency_key, "status": "rejected",
-                      "reason": f"promo code {grant.promo_code} is not accepted"}
+        entry = self.entries.get(item.ledger_key)
+        if entry is None:
+            entry = self.entries[item.ledger_key] = Entry(item.idempotency_key, time.time(), item.source)
+        if reject_reason:
+            result = {"idempotency_key": item.idempotency_key, "status": "rejected", "reason": reject_reason}
             self.rejected += 1
+            entry.rejections += 1
         else:
-            result = {"idempotency_key": grant.idempotency_key, "status": "granted",
-                      "reference": f"BON-{next(self._references):09d}"}
+            result = {"idempotency_key": item.idempotency_key, "status": self.applied_status,
+                      "reference": f"{self.reference_prefix}-{next(self._references):09d}"}
             self.applied += 1
-            self.applications[grant.triple] = self.applications.get(grant.triple, 0) + 1
-        self.results[grant.idempotency_key] = result
+            self.unique_keys += entry.applications == 0
+            entry.applications += 1
+        self.results[item.idempotency_key] = result
         return result, True
 
-    def summary(self, full: bool = False) -> dict:
-        """Counters for ``GET /_sim/ledger``; with ``full`` also every applied triple."""
-        summary = {
-            "applied": self.applied,
-            "unique_triples": len(self.applications),
-            "duplicate_grants": self.applied - len(self.applications),
-            "calls": self.calls,
-            "items_received": self.items_received,
-            "rejected": self.rejected,
-            "faults_injected": dict(self.faults_injected),
-        }
-        if full:
-            summary["triples"] = [list(triple) for triple in self.applications]
-        return summary
+    def counters(self) -> dict:
+        """Totals over the whole ledger; ``duplicates`` = applications beyond one per ledger key."""
+        return {"applied": self.applied, "unique_keys": self.unique_keys,
+                "duplicates": self.applied - self.unique_keys, "calls": self.calls,
+                "items_received": self.items_received, "rejected": self.rejected,
+                "faults_injected": dict(self.faults_injected)}
+
+    def select(self, campaign_id: int | None = None, customer_prefix: str | None = None,
+               customer_index: int = 1) -> Iterator[tuple[tuple, Entry]]:
+        """(ledger key, entry) pairs, optionally only one campaign's and customers with a prefix."""
+        for key, entry in self.entries.items():
+            if campaign_id is not None and key[0] != campaign_id:
+                continue
+            if customer_prefix and not str(key[customer_index]).startswith(customer_prefix):
+                continue
+            yield key, entry

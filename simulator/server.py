@@ -1,4 +1,4 @@
-"""Run the fake Optimove and the fake bonus system on loopback, in threads of one process."""
+"""Run the fake Optimove, the fake bonus system and the fake send service on loopback, in threads of one process."""
 
 from __future__ import annotations
 
@@ -11,18 +11,22 @@ from dataclasses import dataclass, field
 
 from werkzeug.serving import make_server
 
-from simulator.bonus import BonusApp, create_bonus_app
+from simulator.bonus import create_bonus_app
 from simulator.optimove import create_optimove_app
+from simulator.peer import FakePeer
+from simulator.send import create_send_app
 
 
 @dataclass
 class RunningSimulator:
-    """Both servers listening, each in its own thread; ``stop()`` shuts them down."""
+    """The servers listening, each in its own thread; ``stop()`` shuts them down."""
 
     optimove_url: str
     bonus_admin_url: str
-    bonus: BonusApp
+    bonus: FakePeer
     optimove_app: object
+    send_admin_url: str = ""
+    send: FakePeer | None = None
     _servers: list = field(default_factory=list)
     _threads: list = field(default_factory=list)
 
@@ -36,6 +40,16 @@ class RunningSimulator:
         """Single grant endpoint."""
         return f"{self.bonus_admin_url}/bonus/grant"
 
+    @property
+    def send_url(self) -> str:
+        """Batch send endpoint."""
+        return f"{self.send_admin_url}/send/sends"
+
+    @property
+    def send_single_url(self) -> str:
+        """Single send endpoint."""
+        return f"{self.send_admin_url}/send/send"
+
     def urls(self) -> dict:
         """The URLs written to the ready file."""
         return {
@@ -43,11 +57,14 @@ class RunningSimulator:
             "bonus_url": self.bonus_url,
             "bonus_single_url": self.bonus_single_url,
             "bonus_admin_url": self.bonus_admin_url,
+            "send_url": self.send_url,
+            "send_single_url": self.send_single_url,
+            "send_admin_url": self.send_admin_url,
             "pid": os.getpid(),
         }
 
     def stop(self) -> None:
-        """Stop accepting requests and close both listening sockets."""
+        """Stop accepting requests and close the listening sockets."""
         for server in self._servers:
             server.shutdown()
         for server in self._servers:
@@ -58,18 +75,25 @@ class RunningSimulator:
 
 def start(optimove_port: int = 0, bonus_port: int = 0, api_key: str = "sim-key",
           host: str = "127.0.0.1", rate_limit: tuple[int, float] = (50, 10.0),
-          **bonus_faults) -> RunningSimulator:
-    """Start both servers in background threads (port 0 picks a free port) and return them."""
+          send_port: int = 0, send_faults: dict | None = None, **bonus_faults) -> RunningSimulator:
+    """Start the three servers in background threads (port 0 picks a free port) and return them.
+
+    ``bonus_faults`` are BonusConfig settings, ``send_faults`` SendConfig settings.
+    """
     optimove_app = create_optimove_app(api_key, rate_limit)
     bonus = create_bonus_app(**bonus_faults)
+    send = create_send_app(**(send_faults or {}))
     optimove_server = make_server(host, optimove_port, optimove_app, threaded=True)
     bonus_server = bonus.make_server(host, bonus_port)
+    send_server = send.make_server(host, send_port)
     running = RunningSimulator(
         optimove_url=f"http://{host}:{optimove_server.server_port}",
         bonus_admin_url=f"http://{host}:{bonus_server.server_address[1]}",
         bonus=bonus, optimove_app=optimove_app,
-        _servers=[optimove_server, bonus_server])
-    for name, server in (("sim-optimove", optimove_server), ("sim-bonus", bonus_server)):
+        send_admin_url=f"http://{host}:{send_server.server_address[1]}", send=send,
+        _servers=[optimove_server, bonus_server, send_server])
+    for name, server in (("sim-optimove", optimove_server), ("sim-bonus", bonus_server),
+                         ("sim-send", send_server)):
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=name, daemon=True)
         thread.start()
         running._threads.append(thread)
@@ -87,16 +111,19 @@ def write_ready_file(path: str, content: dict) -> None:
 
 def serve(optimove_port: int, bonus_port: int, api_key: str, host: str = "127.0.0.1",
           ready_file: str | None = None, rate_limit: tuple[int, float] = (50, 10.0),
-          **bonus_faults) -> None:
-    """Run both servers until SIGTERM or SIGINT, printing one line per server with its URL."""
+          send_port: int = 0, send_faults: dict | None = None, **bonus_faults) -> None:
+    """Run the servers until SIGTERM or SIGINT, printing one line per server with its URL."""
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    running = start(optimove_port, bonus_port, api_key, host, rate_limit, **bonus_faults)
+    running = start(optimove_port, bonus_port, api_key, host, rate_limit, send_port, send_faults,
+                    **bonus_faults)
     try:
         print(f"fake Optimove listening on {running.optimove_url}", flush=True)
         print(f"fake bonus system listening on {running.bonus_admin_url} "
               f"(batch {running.bonus_url}, single {running.bonus_single_url})", flush=True)
+        print(f"fake send service listening on {running.send_admin_url} "
+              f"(batch {running.send_url}, single {running.send_single_url})", flush=True)
         if ready_file:
             write_ready_file(ready_file, running.urls())
         while not stopping.wait(0.5):

@@ -7,13 +7,11 @@ from flask import Blueprint, Flask, jsonify, request
 
 from shared import repository as repo
 from shared.db import unit_of_work
-from web.app import runtime
+from shared.views import campaign_status
+from web.context import runtime
 from web.errors import ApiError
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-
-COUNTS = ("fetched", "claimed", "duplicates_skipped", "granted", "rejected", "failed")
-
 
 @bp.before_request
 def _basic_auth():
@@ -28,29 +26,6 @@ def _basic_auth():
         response.headers["WWW-Authenticate"] = 'Basic realm="relay"'
         return response
     return None
-
-
-def campaign_status(conn, campaign_id: int) -> dict:
-    """Runs of a campaign with cursor, counts, status and timings, plus totals and an overall status."""
-    runs = repo.runs_for_campaign(conn, campaign_id)
-    out_runs = []
-    for r in runs:
-        seconds = ((r["finished_at"] or r["updated_at"]) - r["created_at"]).total_seconds()
-        out_runs.append({
-            "run_id": r["id"], "notification_id": r["notification_id"], "flow": r["flow"],
-            "channel_id": r["channel_id"], "status": r["status"], "cursor": r["cursor"],
-            "pages_fetched": r["pages_fetched"], "fetch_done": r["fetch_done"],
-            **{k: r[k] for k in COUNTS}, "attempts": r["attempts"], "last_error": r["last_error"],
-            "created_at": r["created_at"].isoformat(),
-            "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
-            "seconds": round(seconds, 3),
-        })
-    statuses = {r["status"] for r in runs}
-    overall = ("unknown" if not runs else "running" if "running" in statuses
-               else "failed" if "failed" in statuses else "done")
-    return {"campaign_id": campaign_id, "status": overall, "runs": out_runs,
-            "totals": {k: sum(r[k] for r in runs) for k in COUNTS},
-            "ledger": repo.grant_counts(conn, campaign_id)}
 
 
 @bp.get("/campaigns/<int:campaign_id>")

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 from flask import Flask
 
+from shared import broker
 from shared.logs import configure as configure_logging
 from shared.runtime import Runtime
 from shared.settings import Settings
+from web import api, errors, health, listener, metrics
 
 
 def create_app(settings: Settings | None = None, celery=None) -> Flask:
     """Build the Flask app from `settings` (default: the environment) and a Celery app for publishing."""
-    from web import api, errors, health, listener, metrics
-    from workers.app import create_celery
-
     settings = settings or Settings.from_env()
     settings.require("database_url", "redis_url")
     configure_logging(settings.log_level)
@@ -20,14 +19,7 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # no pre-ping round trip per request: the listener retries once on a stale pooled connection
     app.extensions["relay"] = Runtime(settings, pre_ping=False)
-    app.extensions["celery"] = celery or create_celery(settings, publisher=True)
+    app.extensions["celery"] = celery or broker.create_app(settings, publisher=True)
     for part in (errors, listener, api, health, metrics):
         part.init_app(app)
     return app
-
-
-def runtime() -> Runtime:
-    """The Runtime of the current app."""
-    from flask import current_app
-
-    return current_app.extensions["relay"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from flask import Blueprint, Flask, jsonify
 
-from web.app import runtime
+from web.context import runtime
 
 bp = Blueprint("health", __name__)
 

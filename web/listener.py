@@ -6,15 +6,15 @@ import json
 import logging
 import time
 
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, jsonify, request
 
 from shared import dispatch, repository as repo
+from shared.broker import publish
 from shared.db import DatabaseUnavailable, raw_transaction
 from shared.schemas import parse_notification
-from web.app import runtime
+from web.context import celery, runtime
 from web.errors import ApiError
 from web.metrics import LISTENER_LATENCY, LISTENER_RESPONSES
-from workers.app import publish
 
 log = logging.getLogger(__name__)
 bp = Blueprint("listener", __name__)
@@ -80,7 +80,7 @@ def receive():
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:
-        publish(current_app.extensions["celery"],
+        publish(celery(),
                 [dispatch.process_notification(notification_id, notification.event_type)], retry=False)
     except Exception as exc:  # the row is committed; the sweeper enqueues it later
         log.warning("notification %s stored but not enqueued (%s); the sweeper will retry",

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 from shared import repository as repo
+from web.context import runtime
 
 LISTENER_LATENCY = Histogram("relay_listener_latency_seconds", "Time to answer POST /optimove/events",
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -44,8 +45,6 @@ class InboxCollector:
 def metrics():
     """Prometheus exposition: this process's (or, under gunicorn, all workers') metrics plus the inbox."""
     from prometheus_client import REGISTRY
-
-    from web.app import runtime
 
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -1,81 +1,21 @@
-"""The Celery app, built from the same settings as the web app (reliability-notes.md)."""
+"""The worker's Celery app: the shared broker settings, the relay's tasks and a Runtime."""
 from __future__ import annotations
 
-import logging
-
 from celery import Celery, signals
-from kombu import Exchange, Queue
 
-from shared import dispatch
+from shared import broker
 from shared.logs import configure as configure_logging
 from shared.runtime import Runtime
 from shared.settings import Settings
-
-log = logging.getLogger(__name__)
-
-
-def celery_config(settings: Settings) -> dict:
-    """Celery settings that keep acknowledged work from being lost or run twice in parallel."""
-    return {
-        "broker_url": settings.redis_url,
-        "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
-            "socket_connect_timeout": 3,
-            "socket_timeout": 10,
-            "retry_on_timeout": True,
-        },
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_prefetch_multiplier": 1,
-        "task_ignore_result": True,
-        "result_backend": None,
-        "task_default_queue": "notifications",
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in dispatch.QUEUES],
-        "task_default_exchange": "notifications",
-        "task_default_routing_key": "notifications",
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
-                                      "interval_max": 0.5},
-        "task_time_limit": max(60, settings.visibility_timeout // 2),
-        "task_soft_time_limit": max(50, settings.visibility_timeout // 2 - 10),
-        "worker_hijack_root_logger": False,
-        "beat_schedule": {
-            "sweep": {"task": dispatch.SWEEP, "schedule": settings.sweep_interval_seconds,
-                      "options": {"queue": "notifications", "expires": settings.sweep_interval_seconds}},
-        },
-        "timezone": "UTC",
-    }
+from workers import tasks
 
 
-def create_celery(settings: Settings, publisher: bool = False) -> Celery:
-    """A Celery app for `settings`, with the relay's tasks registered and a Runtime attached.
-
-    `publisher=True` (the web process, which only publishes) uses the Redis transport that keeps
-    its client between publishes.
-    """
-    app = Celery("relay", set_as_current=True)
-    app.conf.update(celery_config(settings))
-    if publisher and (settings.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
-        app.conf.broker_transport = "workers.transport:Transport"
+def create_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings` with the relay's tasks registered and a Runtime attached."""
+    app = broker.create_app(settings)
     app.relay_runtime = Runtime(settings)
-    import workers.tasks  # noqa: F401  (registers the shared tasks)
-    import shared.flows  # noqa: F401  (registers handlers)
+    tasks.register(app)
     return app
-
-
-def publish(app: Celery, items: list[dispatch.Enqueue], retry: bool = True) -> None:
-    """Send follow-up tasks (after the domain call has committed) on one pooled producer.
-
-    With `retry=False` (the listener) a broker outage fails at once instead of holding the request;
-    the sweeper enqueues the committed row later.
-    """
-    if not items:
-        return
-    with app.producer_pool.acquire(block=True, timeout=10) as producer:
-        for item in items:
-            app.send_task(item.task, args=item.args, queue=item.queue, countdown=item.countdown,
-                          producer=producer, retry=retry, argsrepr=repr(item.args), kwargsrepr="{}")
 
 
 @signals.setup_logging.connect

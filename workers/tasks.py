@@ -1,12 +1,15 @@
 """Thin Celery tasks: primitive ids in, one domain call, follow-ups published after commit."""
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Celery, shared_task
 
 from shared import dispatch
-from shared.flows import inbox, ledger
+from shared.broker import publish
+from shared.flows import inbox, paging, sweeper
+from shared.flows.grants import GRANTS
+from shared.flows.routing import FLOWS
+from shared.flows.sends import SENDS
 from shared.logs import log_context
-from workers.app import publish
 
 
 def _run(task, fn, *args, **ids):
@@ -23,16 +26,29 @@ def process_notification_task(self, notification_id: int) -> None:
 @shared_task(name=dispatch.FETCH_PAGE, bind=True)
 def fetch_page_task(self, run_id: int) -> None:
     """Fetch and claim the next page of a campaign run."""
-    _run(self, ledger.fetch_next_page, run_id, run_id=run_id)
+    _run(self, paging.fetch_next_page, run_id, FLOWS, run_id=run_id)
 
 
 @shared_task(name=dispatch.GRANT_BATCH, bind=True)
 def grant_batch_task(self, run_id: int | None, grant_ids: list[int]) -> None:
     """Deliver a batch of claimed grants to the bonus system."""
-    _run(self, ledger.deliver_grants, run_id, grant_ids, run_id=run_id)
+    _run(self, GRANTS.deliver, run_id, grant_ids, run_id=run_id)
+
+
+@shared_task(name=dispatch.SEND_BATCH, bind=True)
+def send_batch_task(self, run_id: int | None, send_ids: list[int]) -> None:
+    """Deliver a batch of claimed sends to the send service."""
+    _run(self, SENDS.deliver, run_id, send_ids, run_id=run_id)
 
 
 @shared_task(name=dispatch.SWEEP, bind=True)
 def sweep_task(self) -> None:
     """Re-enqueue unfinished work whose task was lost."""
-    _run(self, inbox.sweep)
+    _run(self, sweeper.sweep)
+
+
+def register(app: Celery) -> None:
+    """Bind the shared tasks to `app` (each one must be known by its name from `dispatch.TASKS`)."""
+    missing = set(dispatch.TASKS) - set(app.tasks.keys())
+    if missing:
+        raise RuntimeError(f"tasks without an implementation: {sorted(missing)}")

@@ -1,2 +1,6 @@
-"""Flows: each module registers its handlers and paged flows when imported."""
-from shared.flows import inbox, ledger, scheduled  # noqa: F401  (registration on import)
+"""The flows and the machinery they share.
+
+`routing` maps a notification to its flow; `paging`, `grants`/`sends` (on `ledger`) and
+`sweeper` are the machinery; each flow module (`scheduled_bonus`, `realtime_bonus`,
+`realtime_send`) reads like its Optimove sequence diagram.
+"""

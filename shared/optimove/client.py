@@ -79,13 +79,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0,
-            retry_after: float | None = None, rng=random) -> float:
+            retry_after: float | None = None, rng=random, floor: float = 0.0) -> float:
     """Seconds to wait before retry number `attempt` (0 = first retry): capped exponential, full jitter.
 
-    With `retry_after` the result is at least `retry_after`, even above `cap`, but never above 300 s.
+    `floor` (0..1) keeps the delay at least that fraction of the exponential ceiling, so a number
+    of attempts is guaranteed to span a known time (0.5 is "equal jitter"). With `retry_after`
+    the result is at least `retry_after`, even above `cap`, but never above 300 s.
     """
     ceiling = min(cap, base * 2 ** min(max(attempt, 0), 62))
-    delay = rng.uniform(0, ceiling)
+    delay = rng.uniform(floor * ceiling, ceiling)
     if retry_after is not None:
         delay = max(delay, retry_after)
     return min(delay, MAX_BACKOFF)

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from cli.main import main
 from shared import repository as repo
 from shared.db import make_engine, unit_of_work
+from shared.flows.grants import GRANTS
+from shared.flows.ledger import Scope
 from shared.schemas import parse_notification
 
 pytestmark = pytest.mark.integration
@@ -22,11 +24,11 @@ def campaign(database_url, db):
             nid, _ = repo.insert_notification(
                 conn, parse_notification({"EventTypeID": 13, "CampaignID": 77, "ChannelID": channel}), "{}")
             run_id, _ = repo.create_run(conn, nid, "scheduled_bonus", 77, channel)
-            ids = repo.claim_grants(conn, run_id=run_id, campaign_id=77, channel_id=channel, source="scheduled_bonus",
-                                    pairs=[("C1", "WB23"), (f"C{channel}", "WB23")])
+            ids = GRANTS.claim(conn, Scope(77, channel, "scheduled_bonus", run_id=run_id),
+                               [("C1", "WB23"), (f"C{channel}", "WB23")])
             repo.advance_run(conn, run_id, rows=2, claimed=len(ids), duplicates=2 - len(ids), fetch_done=True)
-            repo.settle_grants(conn, run_id, granted=[(i, "ref") for i in ids], rejected=[], retry=[],
-                               max_attempts=3)
+            repo.settle(conn, repo.GRANTS, run_id, done=[(i, "ref") for i in ids], rejected=[], retry=[],
+                        max_attempts=3)
             repo.finish_run_if_complete(conn, run_id)
     engine.dispose()
     return 77

@@ -10,7 +10,11 @@ import pytest
 from shared import dispatch, repository as repo
 from shared.adapters.bonus import FakeBonusAdapter, idempotency_key
 from shared.db import unit_of_work
-from shared.flows import inbox, ledger
+from shared.flows import inbox, paging, sweeper
+from shared.flows.grants import GRANTS
+from shared.flows.ledger import Scope
+from shared.flows.routing import FLOWS
+from shared.flows.sends import SENDS
 from shared.optimove.client import PermanentError, RateLimited, TemporaryError, Throttled
 from shared.runtime import Runtime
 from shared.schemas import parse_notification
@@ -57,15 +61,22 @@ def notify(rt, campaign: int, channel: int) -> int:
         return repo.insert_notification(conn, n, "{}")[0]
 
 
+def page(rt, run_id: int) -> list:
+    """The page task of a run, as the worker runs it."""
+    return paging.fetch_next_page(rt, run_id, FLOWS)
+
+
+TASKS = {dispatch.PROCESS_NOTIFICATION: inbox.process_notification, dispatch.FETCH_PAGE: page,
+         dispatch.GRANT_BATCH: GRANTS.deliver, dispatch.SEND_BATCH: SENDS.deliver}
+
+
 def drain(rt, items: list) -> list:
     """Run every follow-up (ignoring countdowns) until nothing is left; return what was run."""
     done, queue = [], list(items)
     while queue:
         item = queue.pop(0)
         done.append(item)
-        fn = {dispatch.PROCESS_NOTIFICATION: inbox.process_notification, dispatch.FETCH_PAGE: ledger.fetch_next_page,
-              dispatch.GRANT_BATCH: ledger.deliver_grants}[item.task]
-        queue.extend(fn(rt, *item.args))
+        queue.extend(TASKS[item.task](rt, *item.args))
     return done
 
 
@@ -91,15 +102,15 @@ def test_replayed_notification_and_pages_do_nothing_twice(rt, db):
     follow = inbox.process_notification(rt, nid)
     assert inbox.process_notification(rt, nid) == []  # already done
     run_id = follow[0].args[0]
-    first_page = ledger.fetch_next_page(rt, run_id)
+    first_page = page(rt, run_id)
     # the same page task delivered twice: the second sees the cursor moved and re-fetches the *next* page only
     assert count(db, "SELECT cursor FROM campaign_runs WHERE id = %s", run_id) == 4
-    drain(rt, first_page + ledger.fetch_next_page(rt, run_id))
+    drain(rt, first_page + page(rt, run_id))
     assert count(db, "SELECT count(*) FROM grants") == 10
     with db.cursor() as cur:
         cur.execute("SELECT id FROM grants")
         grant_ids = [r[0] for r in cur.fetchall()]
-    assert ledger.deliver_grants(rt, run_id, grant_ids) == []  # all settled: a replayed batch sends nothing
+    assert GRANTS.deliver(rt, run_id, grant_ids) == []  # all settled: a replayed batch sends nothing
     assert sum(len(c) for c in rt.bonus.calls) == 10
     assert count(db, "SELECT granted FROM campaign_runs WHERE id = %s", run_id) == 10
 
@@ -109,10 +120,10 @@ def test_page_taken_by_another_task_is_dropped(rt, db):
     run_id = inbox.process_notification(rt, nid)[0].args[0]
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
-    flow = ledger.FLOWS[run["flow"]]
-    page = rt.optimove.fetch_page(flow.category, flow.function, flow.params(run), skip=0, top=4)
-    ledger.fetch_next_page(rt, run_id)  # another task wins the page at cursor 0
-    assert ledger._claim_page(rt, run, flow, 0, 4, page) == []
+    pages = FLOWS[run["flow"]].pages
+    rows = rt.optimove.fetch_page(pages.category, pages.function, pages.params(run), skip=0, top=4)
+    page(rt, run_id)  # another task wins the page at cursor 0
+    assert paging.claim_page(rt, run, pages, 0, 4, rows) == []
     assert count(db, "SELECT count(*) FROM grants") == 4
     assert count(db, "SELECT pages_fetched FROM campaign_runs WHERE id = %s", run_id) == 1
 
@@ -120,22 +131,22 @@ def test_page_taken_by_another_task_is_dropped(rt, db):
 def test_rate_limited_page_reschedules_for_the_wait(rt, db):
     run_id = inbox.process_notification(rt, notify(rt, 10, 505))[0].args[0]
     rt.optimove.errors.append(RateLimited(2.5))
-    assert ledger.fetch_next_page(rt, run_id) == [dispatch.fetch_page(run_id, countdown=2.5)]
+    assert page(rt, run_id) == [dispatch.fetch_page(run_id, countdown=2.5)]
     assert count(db, "SELECT attempts FROM campaign_runs WHERE id = %s", run_id) == 0
 
 
 def test_temporary_errors_retry_then_park_the_run(rt, db):
     run_id = inbox.process_notification(rt, notify(rt, 11, 505))[0].args[0]
     rt.optimove.errors.extend([TemporaryError("503 from Optimove", retry_after=4.0)] * 3)
-    follow = ledger.fetch_next_page(rt, run_id)
+    follow = page(rt, run_id)
     assert follow[0].task == dispatch.FETCH_PAGE and 4.0 <= follow[0].countdown <= 30
-    assert ledger.fetch_next_page(rt, run_id)[0].task == dispatch.FETCH_PAGE
-    assert ledger.fetch_next_page(rt, run_id) == []
+    assert page(rt, run_id)[0].task == dispatch.FETCH_PAGE
+    assert page(rt, run_id) == []
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
     assert run["status"] == "failed" and "gave up after 3 attempts: 503 from Optimove" in run["last_error"]
-    runs, grants, follow = ledger.redrive_campaign(rt, 11)
-    assert (runs, grants) == (1, 0) and follow == [dispatch.fetch_page(run_id)]
+    runs, rows, follow = sweeper.redrive_campaign(rt, 11)
+    assert (runs, rows) == (1, {"grants": 0, "sends": 0}) and follow == [dispatch.fetch_page(run_id)]
     drain(rt, follow)
     assert count(db, "SELECT count(*) FROM campaign_runs WHERE id = %s AND status = 'done'", run_id) == 1
     assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = 11 AND status = 'granted'") == 10
@@ -145,7 +156,7 @@ def test_optimove_429_waits_within_a_window_and_counts_no_attempt(rt, db):
     run_id = inbox.process_notification(rt, notify(rt, 20, 505))[0].args[0]
     rt.optimove.errors.extend([Throttled("GET x: HTTP 429: Too Many Requests")] * 5)
     for _ in range(5):
-        follow = ledger.fetch_next_page(rt, run_id)
+        follow = page(rt, run_id)
         assert follow[0].task == dispatch.FETCH_PAGE and 0 < follow[0].countdown <= 10
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
@@ -157,7 +168,7 @@ def test_optimove_429_waits_within_a_window_and_counts_no_attempt(rt, db):
 def test_permanent_error_parks_the_run_with_reason(rt, db):
     run_id = inbox.process_notification(rt, notify(rt, 12, 505))[0].args[0]
     rt.optimove.errors.append(PermanentError("401 Unauthorized: \"Unauthorized\"", 401))
-    assert ledger.fetch_next_page(rt, run_id) == []
+    assert page(rt, run_id) == []
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
     assert run["status"] == "failed" and "401" in run["last_error"]
@@ -166,16 +177,16 @@ def test_permanent_error_parks_the_run_with_reason(rt, db):
 def test_grant_retries_rejections_and_failures_recorded(rt, db):
     rt.bonus.reject_code("NV10", "player self-excluded")
     run_id = inbox.process_notification(rt, notify(rt, 13, 504))[0].args[0]
-    follow = ledger.fetch_next_page(rt, run_id)  # C0..C3, 8 pairs -> batches of 3
+    follow = page(rt, run_id)  # C0..C3, 8 pairs -> batches of 3
     batches = [f for f in follow if f.task == dispatch.GRANT_BATCH]
     rt.bonus.queue("retry", "retry", "retry")  # the first batch is answered "retry" three times in a row
     first = batches[0]
-    retry = ledger.deliver_grants(rt, *first.args)
+    retry = GRANTS.deliver(rt, *first.args)
     assert retry and retry[0].countdown <= 30
     rt.bonus.queue("retry", "retry", "retry")
-    retry = ledger.deliver_grants(rt, *retry[0].args)
+    retry = GRANTS.deliver(rt, *retry[0].args)
     rt.bonus.queue("retry", "retry", "retry")
-    assert ledger.deliver_grants(rt, *retry[0].args) == []  # third attempt: failed
+    assert GRANTS.deliver(rt, *retry[0].args) == []  # third attempt: failed
     with db.cursor() as cur:
         cur.execute("SELECT status, attempts, reason FROM grants WHERE id = ANY(%s)", (first.args[1],))
         assert {(s, a) for s, a, _ in cur.fetchall()} == {("failed", 3)}
@@ -185,9 +196,9 @@ def test_grant_retries_rejections_and_failures_recorded(rt, db):
     assert count(db, "SELECT failed FROM campaign_runs WHERE id = %s", run_id) == 3
 
     with unit_of_work(rt.engine) as conn:
-        redriven = repo.redrive_failed_grants(conn, 13)
+        redriven = repo.redrive_failed(conn, repo.GRANTS, 13)
     assert len(redriven) == 3
-    drain(rt, [dispatch.grant_batch(run_id, [g for _, g in redriven])])
+    drain(rt, GRANTS.deliveries(redriven, rt.settings))
     assert count(db, "SELECT count(*) FROM grants WHERE status = 'failed'") == 0
     keys = [idempotency_key(13, "C0", "WB23")] * 2
     assert keys[0] == keys[1] and keys[0] in {k for c in rt.bonus.calls for k in (i.idempotency_key for i in c)}
@@ -200,8 +211,8 @@ def test_adapter_exception_keeps_the_batch(rt, db):
 
     rt.__dict__["bonus"] = Broken()
     run_id = inbox.process_notification(rt, notify(rt, 14, 505))[0].args[0]
-    batch = next(f for f in ledger.fetch_next_page(rt, run_id) if f.task == dispatch.GRANT_BATCH)
-    retry = ledger.deliver_grants(rt, *batch.args)
+    batch = next(f for f in page(rt, run_id) if f.task == dispatch.GRANT_BATCH)
+    retry = GRANTS.deliver(rt, *batch.args)
     assert retry and retry[0].args[1] == batch.args[1]
     with db.cursor() as cur:
         cur.execute("SELECT DISTINCT status, reason FROM grants WHERE id = ANY(%s)", (batch.args[1],))
@@ -214,17 +225,17 @@ def test_sweeper_redrives_lost_work(rt, db):
     run_id = inbox.process_notification(rt, nid2)[0].args[0]  # its page task lost
     nid3 = notify(rt, 17, 505)
     run3 = inbox.process_notification(rt, nid3)[0].args[0]
-    lost_batches = ledger.fetch_next_page(rt, run3)  # its grant batches lost
+    lost_batches = page(rt, run3)  # its grant batches lost
     with db.cursor() as cur:
         cur.execute("UPDATE notifications SET updated_at = now() - interval '1 hour'")
         cur.execute("UPDATE campaign_runs SET updated_at = now() - interval '1 hour'")
         cur.execute("UPDATE grants SET updated_at = now() - interval '1 hour'")
-    swept = inbox.sweep(rt)
+    swept = sweeper.sweep(rt)
     assert dispatch.process_notification(nid, 13) in swept
     assert dispatch.fetch_page(run_id) in swept and dispatch.fetch_page(run3) in swept
     claimed = sorted(g for b in lost_batches if b.task == dispatch.GRANT_BATCH for g in b.args[1])
     assert sorted(g for s in swept if s.task == dispatch.GRANT_BATCH for g in s.args[1]) == claimed
-    assert inbox.sweep(rt) == []  # the clocks were reset: one sweep takes each
+    assert sweeper.sweep(rt) == []  # the clocks were reset: one sweep takes each
     drain(rt, swept)
     assert count(db, "SELECT count(*) FROM campaign_runs WHERE status = 'done'") == 3
     assert count(db, "SELECT count(*) FROM grants WHERE status = 'granted'") == 30
@@ -253,8 +264,8 @@ def test_send_channel_and_unbuilt_event_types_ignored_with_reason(database_url, 
     with db.cursor() as cur:
         cur.execute("SELECT id, status, last_error FROM notifications ORDER BY id")
         assert cur.fetchall() == [
-            (nid, "ignored", "channel 510 has role 'send'; the send flow is not built yet"),
-            (nid5, "ignored", "no flow handles EventTypeID 5 yet")]
+            (nid, "ignored", "EventTypeID 13 on a send channel: flow 1 (pre-scheduled channel execution) is not built yet"),
+            (nid5, "ignored", "EventTypeID 5: flow 4 (conditional execution) is not built yet")]
     rt.engine.dispose()
 
 
@@ -270,8 +281,7 @@ def test_concurrent_overlapping_claims_neither_deadlock_nor_double_claim(rt, db)
         try:
             with unit_of_work(rt.engine) as conn:
                 barrier.wait()
-                results[name] = repo.claim_grants(conn, run_id=None, campaign_id=21, channel_id=None,
-                                                  source="test", pairs=ordered)
+                results[name] = GRANTS.claim(conn, Scope(21, None, "test"), ordered)
         except Exception as exc:  # a deadlock would surface here
             errors.append(exc)
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 import pytest
 
 from shared import dispatch
+from shared.broker import create_app, publish
+from shared.transport import Channel
 from tests.conftest import make_settings, queue_lengths
-from workers.app import create_celery, publish
-from workers.transport import Channel
+from workers.app import create_celery
 
 pytestmark = pytest.mark.integration
 
 
 def test_publisher_keeps_its_client_and_delivers(redis_url, database_url):
-    app = create_celery(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url), publisher=True)
+    app = create_app(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url), publisher=True)
     with app.producer_pool.acquire(block=True) as producer:
         channel = producer.channel
         assert isinstance(channel, Channel)

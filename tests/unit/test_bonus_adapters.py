@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shared.adapters import bonus
+from shared.adapters import bonus, http
 from shared.adapters.bonus import (FakeBonusAdapter, GrantItem, GrantResult, HttpBonusAdapter,
                                    idempotency_key, load_bonus_adapter)
 from shared.settings import Secret, Settings
@@ -20,8 +20,8 @@ AUTH = "Authorization: Bearer bonus-SECRET-token"
 class Server(StubServer):
     """A scripted bonus system: `reply(request)` returns (status, JSON body or bytes); JSON request bodies."""
 
-    def __init__(self):
-        super().__init__("/grants")
+    def __init__(self, path: str = "/grants"):
+        super().__init__(path)
         self.reply = lambda req: (200, {"results": []})
 
     def handle(self, req: dict) -> tuple[int, dict, bytes]:
@@ -59,6 +59,11 @@ def test_idempotency_key_is_deterministic_and_distinct():
     assert len({idempotency_key(*t) for t in triples}) == len(triples)
 
 
+def test_idempotency_key_pinned_value_never_changes():
+    # Rows granted before a deploy must keep their keys after it, or retries grant twice.
+    assert idempotency_key(175777, "C000123", "WB23") == "relay-2772ac5ba142ab5f469f9dfd40f204357a3bd5e6"
+
+
 # --- batch mode -------------------------------------------------------------------------------
 
 def test_batch_chunks_at_batch_size_and_sends_auth(server):
@@ -75,7 +80,8 @@ def test_batch_chunks_at_batch_size_and_sends_auth(server):
     assert first["headers"]["authorization"] == "Bearer bonus-SECRET-token"
     assert first["headers"]["content-type"] == "application/json"
     assert set(first["body"]["grants"][0]) == {"idempotency_key", "campaign_id", "channel_id",
-                                               "customer_id", "promo_code", "source"}
+                                               "customer_id", "promo_code", "source", "notification_id"}
+    assert first["body"]["grants"][0]["notification_id"] is None
 
 
 def test_batch_missing_and_unknown_results_are_retry(server):
@@ -258,7 +264,7 @@ def test_load_from_entry_point(monkeypatch):
         built.append(settings)
         return FakeBonusAdapter()
 
-    monkeypatch.setattr(bonus, "entry_points", lambda group: [_EntryPoint("acme", factory)]
+    monkeypatch.setattr(http, "entry_points", lambda group: [_EntryPoint("acme", factory)]
                         if group == bonus.ENTRY_POINT_GROUP else [])
     settings = Settings(bonus_adapter="acme")
     assert isinstance(load_bonus_adapter(settings), FakeBonusAdapter)

@@ -23,10 +23,10 @@ PROCFILE = ROOT / "Procfile"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-RELAY_SERVICES = ("migrate", "web", "worker", "beat", "flower")
+RELAY_SERVICES = ("migrate", "web", "worker", "realtime", "beat", "flower")
 REQUIRED_SERVICES = ("postgres", "redis") + RELAY_SERVICES
-PROCESS_TYPES = ("release", "web", "worker", "beat", "flower")
-SETTING_PREFIXES = ("RELAY_", "OPTIMOVE_", "BONUS_", "FLOWER_", "DATABASE_", "REDIS_")
+PROCESS_TYPES = ("release", "web", "worker", "realtime", "beat", "flower")
+SETTING_PREFIXES = ("RELAY_", "OPTIMOVE_", "BONUS_", "SEND_", "FLOWER_", "DATABASE_", "REDIS_")
 REQUIRED_SECRETS = ("RELAY_LISTENER_TOKENS", "RELAY_ADMIN_PASSWORD")
 SETTINGS = {env for env, _default, _doc in documented_variables()}
 
@@ -285,3 +285,25 @@ def test_dockerignore_keeps_local_state_out():
         assert required in patterns, f".dockerignore must exclude {required}"
     for needed in ("pyproject.toml", "shared", "cli", "web", "workers", "simulator", "*"):
         assert needed not in patterns, f".dockerignore excludes {needed}, which `pip install .` needs"
+
+
+def _queues(line: str) -> set[str]:
+    command, path, args = resolve(words_of(line, {}))
+    assert path == ["relay", "worker"], line
+    return set(command.make_context("relay worker", list(args)).params["queues"].split(","))
+
+
+def test_realtime_has_its_own_worker_and_the_others_take_the_rest(services, procfile):
+    from shared.dispatch import CAMPAIGN_QUEUES, QUEUES, REALTIME
+
+    for where, general, realtime in (("compose", services["worker"]["command"], services["realtime"]["command"]),
+                                     ("Procfile", procfile["worker"], procfile["realtime"])):
+        assert _queues(realtime) == {REALTIME}, where
+        assert _queues(general) == set(CAMPAIGN_QUEUES), where
+        assert _queues(general) | _queues(realtime) == set(QUEUES), where
+
+
+def test_worker_without_queues_consumes_every_queue():
+    from shared.dispatch import QUEUES
+
+    assert _queues("relay worker") == set(QUEUES)

@@ -296,3 +296,13 @@ def test_customer_codes_fast_path_agrees_with_full_parse(row):
 
     parsed = parse_execution_row(row)
     assert customer_codes(row) == ((parsed.customer_id, parsed.promo_codes) if parsed else None)
+
+
+def test_backoff_floor_spans_a_known_time():
+    class _Bottom:
+        @staticmethod
+        def uniform(lo, hi):
+            return lo
+
+    waits = [backoff(a, cap=30, floor=0.5, rng=_Bottom) for a in range(1, 8)]
+    assert waits == [1, 2, 4, 8, 15, 15, 15] and sum(waits) == 60

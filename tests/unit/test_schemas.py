@@ -7,7 +7,7 @@ import pytest
 from marshmallow import ValidationError
 
 from shared.optimove.rows import parse_promo_codes
-from shared.schemas import parse_notification
+from shared.schemas import parse_notification, parse_trigger
 
 
 def camel(body: dict) -> dict:
@@ -103,3 +103,48 @@ def test_not_an_object():
     for body in ([], "x", 3, None):
         with pytest.raises(ValidationError):
             parse_notification(body)
+
+
+# -- EventTypeID 11: every accepted shape gives the same trigger -----------------------------
+
+TRIGGER_SHAPES = {
+    "pascal": {"EventTypeID": 11, "TimeStamp": "2026-11-28 10:00:00", "CampaignID": 9001, "ChannelID": 600,
+               "CustomerID": "c-1", "TemplateID": 14, "PromoCode": ["A1", "B2"], "event_device_type": "ios"},
+    "camel_ID": {"eventTypeID": 11, "timeStamp": "2026-11-28 10:00", "campaignID": "9001", "channelID": "600",
+                 "customerID": "c-1", "templateID": 14, "promoCode": "A1,B2", "event_device_type": "ios"},
+    "camel_Id": {"eventTypeId": "11", "campaignId": 9001, "channelId": 600, "customerId": "c-1",
+                 "templateId": "14", "promoCode": " A1 , B2 ", "event_device_type": "ios"},
+    "promo_codes_key": {"EventTypeID": 11, "CampaignID": 9001, "ChannelID": 600, "CustomerID": "c-1",
+                        "TemplateID": 14, "PromoCodes": ["A1", "B2", "A1"], "event_device_type": "ios"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(TRIGGER_SHAPES))
+def test_every_trigger_shape_gives_the_same_trigger(shape):
+    body = TRIGGER_SHAPES[shape]
+    trigger = parse_trigger(body)
+    assert (trigger.campaign_id, trigger.channel_id, trigger.customer_id, trigger.template_id,
+            trigger.promo_codes) == (9001, 600, "c-1", 14, ["A1", "B2"])
+    assert trigger.attributes == {"event_device_type": "ios"}
+    assert parse_notification(body).event_type == 11
+
+
+def test_trigger_keeps_every_other_field_as_sent_and_numeric_customer_ids():
+    body = {"EventTypeID": 11, "CampaignID": 1, "CustomerID": 42, "TemplateID": 3, "Email": "a@example.com",
+            "cart": {"items": 2}, "event_name": "deposit"}
+    trigger = parse_trigger(body)
+    assert trigger.customer_id == "42" and trigger.promo_codes == [] and trigger.channel_id is None
+    assert trigger.attributes == {"Email": "a@example.com", "cart": {"items": 2}, "event_name": "deposit"}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"EventTypeID": 11, "CampaignID": 1, "ChannelID": 600, "PromoCode": "A"}, "CustomerID"),
+    ({"EventTypeID": 11, "CampaignID": 1, "customerId": "  "}, "CustomerID"),
+    ({"EventTypeID": 11, "CustomerID": "c"}, "CampaignID"),
+    ({"EventTypeID": 11, "CampaignID": 1, "CustomerID": "c", "TemplateID": "x"}, "TemplateID"),
+    ({"EventTypeID": 11, "CampaignID": 1, "CustomerID": "c", "customerId": "d"}, "CustomerID"),
+])
+def test_trigger_rejections_name_the_field(body, field):
+    with pytest.raises(ValidationError) as err:
+        parse_notification(body)
+    assert field in err.value.normalized_messages()

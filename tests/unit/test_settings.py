@@ -33,11 +33,39 @@ def test_defaults_and_values():
     ("BONUS_MODE", "bulk", "BONUS_MODE: expected one of batch, single"),
     ("BONUS_AUTH_HEADER", "Bearer abc", "BONUS_AUTH_HEADER: expected a header line 'Name: value'"),
     ("RELAY_SWEEP_AFTER", "-1", "RELAY_SWEEP_AFTER: expected a number >= 1"),
+    ("SEND_URL", "ftp://platform/sends", "SEND_URL: expected a URL starting with http:// or https://"),
+    ("SEND_MODE", "bulk", "SEND_MODE: expected one of batch, single"),
+    ("SEND_BATCH_SIZE", "0", "SEND_BATCH_SIZE: expected an integer between 1 and 100000"),
+    ("SEND_BATCH_SIZE", "lots", "SEND_BATCH_SIZE: expected an integer"),
+    ("SEND_CONCURRENCY", "257", "SEND_CONCURRENCY: expected an integer between 1 and 256"),
+    ("SEND_TIMEOUT", "0", "SEND_TIMEOUT: expected a number >= 0.1"),
+    ("SEND_TIMEOUT", "soon", "SEND_TIMEOUT: expected a number"),
+    ("SEND_MAX_ATTEMPTS", "101", "SEND_MAX_ATTEMPTS: expected an integer between 1 and 100"),
+    ("SEND_AUTH_HEADER", "Bearer abc", "SEND_AUTH_HEADER: expected a header line 'Name: value'"),
+    ("RELAY_REALTIME_GRANT_POLICY", "always",
+     "RELAY_REALTIME_GRANT_POLICY: expected one of once_per_notification, once_per_campaign"),
 ])
 def test_malformed_variable_named_with_expectation(name, value, expected):
     with pytest.raises(SettingsError) as err:
         Settings.from_env({**GOOD, name: value})
     assert expected in str(err.value)
+
+
+def test_send_and_realtime_defaults_and_values():
+    s = Settings.from_env(GOOD)
+    assert (s.send_adapter, s.send_url, s.send_mode, s.send_batch_size, s.send_concurrency, s.send_timeout,
+            s.send_max_attempts, s.send_auth_header) == ("http", None, "batch", 500, 16, 10.0, 8, None)
+    assert s.realtime_grant_policy == "once_per_notification"
+    s = Settings.from_env({**GOOD, "SEND_ADAPTER": "log", "SEND_URL": "https://platform.example/sends",
+                           "SEND_MODE": "Single", "SEND_BATCH_SIZE": "100000", "SEND_CONCURRENCY": "1",
+                           "SEND_TIMEOUT": "2.5", "SEND_MAX_ATTEMPTS": "3",
+                           "SEND_AUTH_HEADER": "X-Api-Key: send-sekrit",
+                           "RELAY_REALTIME_GRANT_POLICY": "once_per_campaign"})
+    assert (s.send_adapter, s.send_url, s.send_mode, s.send_batch_size, s.send_concurrency, s.send_timeout,
+            s.send_max_attempts) == ("log", "https://platform.example/sends", "single", 100_000, 1, 2.5, 3)
+    assert s.send_auth_header.get() == "X-Api-Key: send-sekrit" and "send-sekrit" not in repr(s)
+    assert s.realtime_grant_policy == "once_per_campaign"
+    assert Settings.from_env(s.to_env()) == s
 
 
 def test_every_problem_reported_at_once():
@@ -93,6 +121,15 @@ def test_channel_config_file(tmp_path):
         Settings.from_env({**GOOD, "RELAY_CHANNEL_CONFIG": str(path)})
     with pytest.raises(SettingsError, match="no file at"):
         Settings.from_env({**GOOD, "RELAY_CHANNEL_CONFIG": str(tmp_path / "missing.json")})
+
+
+def test_channel_config_accepts_extra_keys(tmp_path):
+    path = tmp_path / "channels.json"
+    path.write_text(json.dumps({"default_role": "send", "version": 2, "channels": {
+        "504": {"role": "bonus", "events": [13]},
+        "510": {"role": "send", "events": [11], "attributes": ["Email"], "template": "welcome"}}}))
+    s = Settings.from_env({**GOOD, "RELAY_CHANNEL_CONFIG": str(path)})
+    assert s.channels.role(504) == "bonus" and s.channels.role(510) == "send" and s.channels.role(1) == "send"
 
 
 def test_cli_exits_2_naming_the_variable(monkeypatch):

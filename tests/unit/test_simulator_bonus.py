@@ -1,5 +1,6 @@
 """Fake bonus system over real HTTP: idempotency, rejections, faults, ledger counters."""
 
+import functools
 import threading
 import time
 
@@ -7,15 +8,16 @@ import pytest
 import requests
 
 from simulator.bonus import create_bonus_app
+from simulator.send import create_send_app
 
 
 @pytest.fixture
-def bonus():
-    """Start a bonus system on a free port; yields (app, base_url)."""
+def peers():
+    """Start fake peers ("bonus" or "send") on free ports; yields start(kind, **settings) -> (app, base_url)."""
     servers = []
 
-    def start(**settings):
-        app = create_bonus_app(seed=1, **settings)
+    def start(kind, **settings):
+        app = {"bonus": create_bonus_app, "send": create_send_app}[kind](seed=1, **settings)
         server = app.make_server("127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers.append(server)
@@ -27,9 +29,16 @@ def bonus():
         server.server_close()
 
 
-def grant(key, customer="C00000001", code="WB23", campaign=123):
-    return {"idempotency_key": key, "campaign_id": campaign, "channel_id": 504,
-            "customer_id": customer, "promo_code": code, "source": "scheduled"}
+@pytest.fixture
+def bonus(peers):
+    """Start a bonus system on a free port; yields start(**settings) -> (app, base_url)."""
+    return functools.partial(peers, "bonus")
+
+
+def grant(key, customer="C00000001", code="WB23", campaign=123, notification_id=None):
+    return {"idempotency_key": key, "campaign_id": campaign, "channel_id": 504, "customer_id": customer,
+            "promo_code": code, "source": "scheduled" if notification_id is None else "realtime",
+            "notification_id": notification_id}
 
 
 def ledger(url, full=False):
@@ -146,3 +155,54 @@ def test_batch_of_500_is_fast(bonus):
     elapsed = time.perf_counter() - started
     assert response.status_code == 200 and len(response.json()["results"]) == 500
     assert elapsed < 0.5
+
+
+def test_retrigger_under_another_notification_is_not_a_duplicate(bonus):
+    _, url = bonus()
+    requests.post(f"{url}/bonus/grants", json={"grants": [grant("n1", notification_id=1),
+                                                          grant("n2", notification_id=2)]}, timeout=5)
+    state = ledger(url, full=True)
+    assert state["applied"] == 2 and state["unique_triples"] == 2 and state["duplicate_grants"] == 0
+    assert state["triples"] == [[123, "C00000001", "WB23"]] * 2
+    requests.post(f"{url}/bonus/grant", json=grant("n1-again", notification_id=1), timeout=5)
+    assert ledger(url)["duplicate_grants"] == 1
+
+
+def test_ledger_records_first_receive_time_before_latency(bonus):
+    _, url = bonus(latency_ms=300)
+    before = time.time()
+    requests.post(f"{url}/bonus/grants", json={"grants": [{**grant("k1", notification_id=7), "extra": "ignored"}]},
+                  timeout=5)
+    requests.post(f"{url}/bonus/grant", json=grant("k2", notification_id=7), timeout=5)
+    [entry] = ledger(url, full=True)["entries"]
+    assert entry["key"] == [123, "C00000001", "WB23", 7] and entry["idempotency_key"] == "k1"
+    assert before <= entry["first_received_at"] < before + 0.25
+    assert entry["applications"] == 2 and entry["source"] == "realtime"
+
+
+def test_receive_time_is_recorded_for_a_failed_call(bonus):
+    _, url = bonus(failure_rate=1.0)
+    before = time.time()
+    assert requests.post(f"{url}/bonus/grant", json=grant("k1"), timeout=5).status_code == 503
+    [entry] = ledger(url, full=True)["entries"]
+    assert entry["applications"] == 0 and entry["first_received_at"] >= before
+    assert ledger(url, full=True)["triples"] == []
+
+
+def test_ledger_entries_filtered_by_campaign_and_customer_prefix(bonus):
+    _, url = bonus()
+    grants = [grant("a", customer="rt-x-1"), grant("b", customer="rt-y-1"), grant("c", customer="rt-x-2", campaign=9)]
+    requests.post(f"{url}/bonus/grants", json={"grants": grants}, timeout=5)
+    state = requests.get(f"{url}/_sim/ledger", params={"full": 1, "campaign_id": 123, "customer_prefix": "rt-x-"},
+                         timeout=5).json()
+    assert [e["idempotency_key"] for e in state["entries"]] == ["a"] and state["applied"] == 3
+    assert requests.get(f"{url}/_sim/ledger", params={"campaign_id": "x"}, timeout=5).status_code == 400
+
+
+def test_notification_id_must_be_an_integer_or_null(bonus):
+    _, url = bonus()
+    response = requests.post(f"{url}/bonus/grants", json={"grants": [grant("k1", notification_id="x")]}, timeout=5)
+    assert response.status_code == 400 and "notification_id" in response.json()["error"]
+    ok = requests.post(f"{url}/bonus/grants", json={"grants": [grant("k2", notification_id="12")]}, timeout=5)
+    assert ok.status_code == 200
+    assert ledger(url, full=True)["entries"][0]["key"][3] == 12

@@ -4,7 +4,7 @@ kombu builds a new `redis.Redis` for every publish (`Channel.conn_or_acquire`), 
 fills a ~170-entry response-callback table in each constructor: about a fifth of the listener's
 publish cost. A redis-py client is thread-safe and shares the channel's connection pool, so the
 channel can keep one; it is rebuilt whenever the channel replaces its pool (after a reconnect).
-Used by the web process only (`create_celery(..., publisher=True)`).
+Used by the web process only (`broker.create_app(..., publisher=True)`).
 """
 from __future__ import annotations
 

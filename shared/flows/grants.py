@@ -1,0 +1,49 @@
+"""The grant ledger: promo codes granted to customers in the bonus system, once per scope.
+
+Campaign flows are unique per (campaign, customer, promo code) across all their channels;
+real-time grants per notification, or per campaign under `RELAY_REALTIME_GRANT_POLICY=once_per_campaign`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from shared import dispatch, repository as repo
+from shared.adapters.bonus import GrantItem
+from shared.flows.ledger import Ledger, Scope
+from shared.optimove.rows import customer_codes
+
+
+class Grants(Ledger):
+    """Claims are (customer id, promo code) pairs."""
+
+    table = repo.GRANTS
+    task = dispatch.GRANT_BATCH
+    noun = "grant"
+    settings_prefix = "bonus"
+
+    def columns(self, scope: Scope, claims: list[tuple[str, str]]) -> dict[str, tuple[str, list]]:
+        pairs = sorted(claims)
+        return {"customer_id": ("text", [c for c, _ in pairs]), "promo_code": ("text", [p for _, p in pairs]),
+                "idempotency_key": ("text", [scope.key(c, p) for c, p in pairs])}
+
+    def item(self, row: repo.ClaimedRow) -> GrantItem:
+        v = row.values
+        return GrantItem(row.idempotency_key, v["campaign_id"], v["channel_id"], v["customer_id"], v["promo_code"],
+                         row.source, v["scope"] or None)
+
+    def call(self, rt, items: list[GrantItem]) -> list:
+        return rt.bonus.grant(items)
+
+
+GRANTS = Grants()
+
+
+def codes_per_customer(rows: list[Any]) -> list[tuple[str, str]]:
+    """(customer, code) claims of a page of customer rows carrying `PromoCode` (skips rows without a customer)."""
+    pairs: list[tuple[str, str]] = []
+    for row in rows:
+        found = customer_codes(row)
+        if found is not None:
+            customer, codes = found
+            pairs.extend((customer, code) for code in codes)
+    return pairs

@@ -1,0 +1,33 @@
+"""Status views shared by the web API and the CLI (plain dicts, ready for JSON)."""
+from __future__ import annotations
+
+from shared import repository as repo
+
+COUNTS = ("fetched", "claimed", "duplicates_skipped", "granted", "sent", "rejected", "failed")
+
+
+def campaign_status(conn, campaign_id: int) -> dict:
+    """Runs of a campaign with cursor, counts, status and timings, plus totals, ledgers and an overall status.
+
+    `ledger` is the grant ledger by status (kept for existing readers); `ledgers` has every ledger.
+    """
+    runs = repo.runs_for_campaign(conn, campaign_id)
+    out_runs = []
+    for r in runs:
+        seconds = ((r["finished_at"] or r["updated_at"]) - r["created_at"]).total_seconds()
+        out_runs.append({
+            "run_id": r["id"], "notification_id": r["notification_id"], "flow": r["flow"],
+            "channel_id": r["channel_id"], "status": r["status"], "cursor": r["cursor"],
+            "pages_fetched": r["pages_fetched"], "fetch_done": r["fetch_done"],
+            **{k: r[k] for k in COUNTS}, "attempts": r["attempts"], "last_error": r["last_error"],
+            "created_at": r["created_at"].isoformat(),
+            "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+            "seconds": round(seconds, 3),
+        })
+    statuses = {r["status"] for r in runs}
+    overall = ("unknown" if not runs else "running" if "running" in statuses
+               else "failed" if "failed" in statuses else "done")
+    ledgers = {t.name: repo.ledger_counts(conn, t, campaign_id) for t in repo.LEDGER_TABLES}
+    return {"campaign_id": campaign_id, "status": overall, "runs": out_runs,
+            "totals": {k: sum(r[k] for r in runs) for k in COUNTS},
+            "ledger": ledgers["grants"], "ledgers": ledgers}

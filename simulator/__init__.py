@@ -1,6 +1,8 @@
-"""Simulator: fake Optimove API, fake bonus system, and a driver that plays Optimove.
+"""Simulator: fake Optimove API, fake bonus system, fake send service, and drivers that play Optimove.
 
 Modules: ``optimove`` (WSGI app), ``campaigns`` (specs and row generation), ``limiter``,
-``bonus`` and ``ledger`` (fake bonus system), ``server`` (run both), ``driver`` (campaigns
-against a running relay). ``python -m simulator serve|drive`` is the command line.
+``peer`` and ``ledger`` (the machinery of the fake peers), ``bonus`` and ``send`` (the fake
+bonus system and send service), ``server`` (run them all), ``driver`` (campaigns against a
+running relay), ``realtime`` (real-time triggers against a running relay).
+``python -m simulator serve|drive`` is the command line.
 """

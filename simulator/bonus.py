@@ -10,13 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simulator.ledger import InvalidItem, idempotency_key_of, int_field, text_field
-from simulator.peer import MAX_BATCH, ConfigError, FakePeer, PeerKind, fault_config
-
-__all__ = ["BONUS", "MAX_BATCH", "BonusConfig", "ConfigError", "Grant", "InvalidGrant",
-           "create_bonus_app", "parse_grant"]
-
-InvalidGrant = InvalidItem
+from simulator.ledger import idempotency_key_of, int_field, text_field
+from simulator.peer import FakePeer, PeerKind, fault_config
 
 
 @dataclass(slots=True)
@@ -32,13 +27,8 @@ class Grant:
     notification_id: int | None = None
 
     @property
-    def triple(self) -> tuple:
-        """The (campaign_id, customer_id, promo_code) the bonus is about."""
-        return (self.campaign_id, self.customer_id, self.promo_code)
-
-    @property
     def ledger_key(self) -> tuple:
-        """The triple plus the notification id (None for campaign grants)."""
+        """What the grant is about: (campaign, customer, code, notification; None for campaign grants)."""
         return (self.campaign_id, self.customer_id, self.promo_code, self.notification_id)
 
 

@@ -60,12 +60,13 @@ class Entry:
     source: Any
     applications: int = 0
     rejections: int = 0
+    applied_at: float | None = None
 
     def to_json(self, key: tuple) -> dict:
         """The entry as listed by ``GET /_sim/ledger?full=1``."""
         return {"key": list(key), "idempotency_key": self.idempotency_key,
-                "first_received_at": self.first_received_at, "applications": self.applications,
-                "rejections": self.rejections, "source": self.source}
+                "first_received_at": self.first_received_at, "applied_at": self.applied_at,
+                "applications": self.applications, "rejections": self.rejections, "source": self.source}
 
 
 @dataclass
@@ -98,14 +99,19 @@ class Ledger:
             if item.ledger_key not in entries:
                 entries[item.ledger_key] = Entry(item.idempotency_key, now, item.source)
 
-    def record(self, item, reject_reason: str | None) -> tuple[dict, bool]:
-        """Apply or reject an item once per idempotency key; return (stored result, is_new)."""
+    def record(self, item, reject_reason: str | None, received_at: float | None = None) -> tuple[dict, bool]:
+        """Apply or reject an item once per idempotency key; return (stored result, is_new).
+
+        ``received_at`` is when the call carrying it arrived; the first application keeps it as
+        ``applied_at`` (after failed calls, ``first_received_at`` is earlier).
+        """
         known = self.results.get(item.idempotency_key)
         if known is not None:
             return known, False
+        received_at = time.time() if received_at is None else received_at
         entry = self.entries.get(item.ledger_key)
         if entry is None:
-            entry = self.entries[item.ledger_key] = Entry(item.idempotency_key, time.time(), item.source)
+            entry = self.entries[item.ledger_key] = Entry(item.idempotency_key, received_at, item.source)
         if reject_reason:
             result = {"idempotency_key": item.idempotency_key, "status": "rejected", "reason": reject_reason}
             self.rejected += 1
@@ -114,7 +120,9 @@ class Ledger:
             result = {"idempotency_key": item.idempotency_key, "status": self.applied_status,
                       "reference": f"{self.reference_prefix}-{next(self._references):09d}"}
             self.applied += 1
-            self.unique_keys += entry.applications == 0
+            if entry.applications == 0:
+                self.unique_keys += 1
+                entry.applied_at = received_at
             entry.applications += 1
         self.results[item.idempotency_key] = result
         return result, True

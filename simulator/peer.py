@@ -161,9 +161,9 @@ class FakePeer:
         with self.lock:
             self.ledger = self._new_ledger()
 
-    def receive(self, items: list) -> str | None:
-        """Note a call's arrival, then decide its fault: "timeout", "failure", "drop" or None."""
-        now = time.time()
+    def receive(self, items: list, now: float | None = None) -> str | None:
+        """Note a call's arrival at ``now``, then decide its fault: "timeout", "failure", "drop" or None."""
+        now = time.time() if now is None else now
         with self.lock:
             self.ledger.receive(items, now)
             for fault, rate in (("timeout", self.config.timeout_rate),
@@ -174,8 +174,9 @@ class FakePeer:
                     return fault
         return None
 
-    def apply_batch(self, items: list) -> list[dict]:
-        """Apply a batch; items may come back "retry" when item_retry_rate is set."""
+    def apply_batch(self, items: list, received_at: float | None = None) -> list[dict]:
+        """Apply a batch that arrived at ``received_at``; items may come back "retry" when
+        item_retry_rate is set."""
         results = []
         with self.lock:
             rejects = self.config.rejects()
@@ -186,13 +187,15 @@ class FakePeer:
                     results.append({"idempotency_key": item.idempotency_key, "status": "retry",
                                     "reason": "temporarily unavailable"})
                 else:
-                    results.append(self.ledger.record(item, self.kind.reject_reason(item, rejects))[0])
+                    reason = self.kind.reject_reason(item, rejects)
+                    results.append(self.ledger.record(item, reason, received_at)[0])
         return results
 
-    def apply_one(self, item) -> tuple[dict, bool]:
-        """Apply one item; return (stored result, is_new)."""
+    def apply_one(self, item, received_at: float | None = None) -> tuple[dict, bool]:
+        """Apply one item that arrived at ``received_at``; return (stored result, is_new)."""
         with self.lock:
-            return self.ledger.record(item, self.kind.reject_reason(item, self.config.rejects()))
+            reason = self.kind.reject_reason(item, self.config.rejects())
+            return self.ledger.record(item, reason, received_at)
 
     def summary(self, full: bool = False, campaign_id: int | None = None,
                 customer_prefix: str | None = None) -> dict:
@@ -297,8 +300,8 @@ class _PeerHandler(BaseHTTPRequestHandler):
             items = [app.kind.parse(raw, None) for raw in raw_items]
         except InvalidItem as error:
             raise _Refused(400, {"error": str(error)}) from None
-        fault = self._before_apply(items)
-        results = app.apply_batch(items)
+        fault, received_at = self._before_apply(items)
+        results = app.apply_batch(items, received_at)
         if fault == "drop":
             return self._drop()
         self._send(200, {"results": results})
@@ -309,8 +312,8 @@ class _PeerHandler(BaseHTTPRequestHandler):
             item = app.kind.parse(body, self.headers.get("Idempotency-Key"))
         except InvalidItem as error:
             raise _Refused(400, {"reason": str(error)}) from None
-        fault = self._before_apply([item])
-        result, is_new = app.apply_one(item)
+        fault, received_at = self._before_apply([item])
+        result, is_new = app.apply_one(item, received_at)
         if fault == "drop":
             return self._drop()
         if result["status"] == "rejected":
@@ -318,9 +321,10 @@ class _PeerHandler(BaseHTTPRequestHandler):
         else:
             self._send(201 if is_new else 409, {"reference": result["reference"]})
 
-    def _before_apply(self, items: list) -> str | None:
+    def _before_apply(self, items: list) -> tuple[str | None, float]:
         app = self.server.app
-        fault = app.receive(items)
+        received_at = time.time()
+        fault = app.receive(items, received_at)
         if fault == "timeout":
             time.sleep(app.config.timeout_sleep_s)
             raise _Refused(503, {"error": "timed out upstream"})
@@ -328,7 +332,7 @@ class _PeerHandler(BaseHTTPRequestHandler):
             raise _Refused(503, {"error": f"{app.kind.name} unavailable"})
         if app.config.latency_ms:
             time.sleep(app.config.latency_ms / 1000)
-        return fault
+        return fault, received_at
 
     def _drop(self):
         self.close_connection = True

@@ -1,4 +1,4 @@
-"""Run the fake Optimove, the fake bonus system and the fake send service on loopback, in threads of one process."""
+"""Run the fake Optimove, bonus system and send service on loopback, in threads of one process."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 
 from werkzeug.serving import make_server
 
-from simulator.bonus import create_bonus_app
+from simulator.bonus import BONUS, create_bonus_app
 from simulator.optimove import create_optimove_app
 from simulator.peer import FakePeer
-from simulator.send import create_send_app
+from simulator.send import SEND, create_send_app
+
+
+def _endpoint(base_attribute: str, path: str, doc: str) -> property:
+    """A property: ``path`` on the server whose base URL is in attribute ``base_attribute``."""
+    return property(lambda self: getattr(self, base_attribute) + path, doc=doc)
 
 
 @dataclass
@@ -30,25 +35,10 @@ class RunningSimulator:
     _servers: list = field(default_factory=list)
     _threads: list = field(default_factory=list)
 
-    @property
-    def bonus_url(self) -> str:
-        """Batch grant endpoint."""
-        return f"{self.bonus_admin_url}/bonus/grants"
-
-    @property
-    def bonus_single_url(self) -> str:
-        """Single grant endpoint."""
-        return f"{self.bonus_admin_url}/bonus/grant"
-
-    @property
-    def send_url(self) -> str:
-        """Batch send endpoint."""
-        return f"{self.send_admin_url}/send/sends"
-
-    @property
-    def send_single_url(self) -> str:
-        """Single send endpoint."""
-        return f"{self.send_admin_url}/send/send"
+    bonus_url = _endpoint("bonus_admin_url", BONUS.batch_path, "Batch grant endpoint.")
+    bonus_single_url = _endpoint("bonus_admin_url", BONUS.single_path, "Single grant endpoint.")
+    send_url = _endpoint("send_admin_url", SEND.batch_path, "Batch send endpoint.")
+    send_single_url = _endpoint("send_admin_url", SEND.single_path, "Single send endpoint.")
 
     def urls(self) -> dict:
         """The URLs written to the ready file."""

@@ -65,6 +65,8 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         info = json.loads((data_dir / "up.json").read_text())
         output = log_path.read_text()
         assert "relay simulate campaign" in output and info["listener_url"] in output
+        assert "relay simulate realtime --role send" in output
+        assert {"600": "bonus", "610": "send"}.items() <= info["channels"].items()
         children = tree(proc.pid)
         assert len(children) > 6  # web + workers, worker + pool, beat, flower, simulator, postgres, redis
 
@@ -76,6 +78,15 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert summary["ok"] and summary["duplicate_grants"] == 0
         assert summary["granted_at_bonus_system"] == summary["expected_triples"] > 0
         assert summary["seconds"] < 60
+
+        for role in ("send", "bonus"):  # real-time triggers work out of the box too
+            rt = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "realtime", "--data-dir",
+                                 str(data_dir), "--role", role, "--rate", "10", "--duration", "2", "--json"],
+                                cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+            assert rt.returncode == 0, rt.stdout + rt.stderr + log_path.read_text()[-4000:]
+            realtime = json.loads(rt.stdout)
+            assert realtime["ok"] and realtime["lost"] == 0 and realtime["duplicate_effects"] == 0, realtime
+            assert realtime["effects_seen"] == realtime["expected_effects"] > 0
 
         pg_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
         everything = {p.pid for p in children} | {pg_pid} | {c.pid for c in psutil.Process(pg_pid).children()}

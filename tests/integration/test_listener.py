@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from shared import dispatch
 from tests.conftest import TOKEN, count, make_settings, queue_lengths
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,7 @@ def test_accepts_each_event_type_and_stores_raw_body(client, db, redis_url, even
         event, stored_raw, status, payload = cur.fetchone()
     assert (event, stored_raw, status) == (event_type, raw, "received")
     assert payload == BODIES[event_type]
-    queue = "realtime" if event_type == 11 else "notifications"
+    queue = dispatch.notification_queue(event_type)
     assert queue_lengths(redis_url)[queue] == 1
 
 
@@ -91,7 +92,7 @@ def test_twenty_concurrent_identical_posts_make_one_row_and_one_task(settings, d
         t.join()
     assert sorted(codes) == [200] * 19 + [202]
     assert count(db, "SELECT count(*) FROM notifications") == 1
-    assert queue_lengths(redis_url)["notifications"] == 1
+    assert queue_lengths(redis_url)[dispatch.NOTIFICATIONS] == 1
 
 
 @pytest.mark.parametrize("url,headers", [

@@ -158,14 +158,14 @@ def test_realtime_retries_and_sweeps_stay_on_the_realtime_queue(rt, db):
     rt.send.queue("retry")
     grant_nid, send_nid = trigger(rt, body("c-9")), trigger(rt, body("c-9", SEND))
     retries = inbox.process_notification(rt, grant_nid) + inbox.process_notification(rt, send_nid)
-    assert {(r.task, r.queue) for r in retries} == {(dispatch.GRANT_BATCH, "realtime"),
-                                                     (dispatch.SEND_BATCH, "realtime")}
+    assert {(r.task, r.queue) for r in retries} == {(dispatch.GRANT_BATCH, dispatch.REALTIME),
+                                                     (dispatch.SEND_BATCH, dispatch.REALTIME)}
     assert all(0 < r.countdown <= 30 for r in retries)
     with db.cursor() as cur:
         cur.execute("UPDATE grants SET updated_at = now() - interval '1 hour'")
         cur.execute("UPDATE sends SET updated_at = now() - interval '1 hour'")
     swept = sweeper.sweep(rt)
-    assert {(s.task, s.queue) for s in swept} == {(dispatch.GRANT_BATCH, "realtime"), (dispatch.SEND_BATCH, "realtime")}
+    assert {(s.task, s.queue) for s in swept} == {(dispatch.GRANT_BATCH, dispatch.REALTIME), (dispatch.SEND_BATCH, dispatch.REALTIME)}
     for item in swept:
         {dispatch.GRANT_BATCH: GRANTS, dispatch.SEND_BATCH: SENDS}[item.task].deliver(rt, *item.args)
     assert count(db, "SELECT count(*) FROM grants WHERE status = 'granted'") == 2
@@ -181,7 +181,7 @@ def test_failed_realtime_rows_are_parked_and_redriven(rt, db):
     assert SENDS.deliver(rt, *follow[0].args) == []
     assert count(db, "SELECT count(*) FROM sends WHERE status = 'failed' AND attempts = 3") == 1
     runs, rows, items = sweeper.redrive_campaign(rt, 9001)
-    assert (runs, rows) == (0, {"grants": 0, "sends": 1}) and items[0].queue == "realtime"
+    assert (runs, rows) == (0, {"grants": 0, "sends": 1}) and items[0].queue == dispatch.REALTIME
     SENDS.deliver(rt, *items[0].args)
     assert count(db, "SELECT count(*) FROM sends WHERE status = 'sent'") == 1
 

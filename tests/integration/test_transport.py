@@ -23,7 +23,8 @@ def test_publisher_keeps_its_client_and_delivers(redis_url, database_url):
         with channel.conn_or_acquire() as third:
             assert third is not first and third.connection_pool is channel.pool
     publish(app, [dispatch.process_notification(1, 13), dispatch.process_notification(2, 11)])
-    assert queue_lengths(redis_url) == {"realtime": 1, "notifications": 1, "campaigns": 0, "grants": 0}
+    assert queue_lengths(redis_url) == {dispatch.REALTIME: 1, dispatch.NOTIFICATIONS: 1, dispatch.CAMPAIGNS: 0,
+                                        dispatch.GRANTS: 0}
 
 
 def test_workers_keep_kombu_transport(redis_url, database_url):

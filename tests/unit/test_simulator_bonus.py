@@ -185,8 +185,12 @@ def test_receive_time_is_recorded_for_a_failed_call(bonus):
     before = time.time()
     assert requests.post(f"{url}/bonus/grant", json=grant("k1"), timeout=5).status_code == 503
     [entry] = ledger(url, full=True)["entries"]
-    assert entry["applications"] == 0 and entry["first_received_at"] >= before
+    assert entry["applications"] == 0 and entry["first_received_at"] >= before and entry["applied_at"] is None
     assert ledger(url, full=True)["triples"] == []
+    requests.post(f"{url}/_sim/config", json={"failure_rate": 0}, timeout=5)
+    assert requests.post(f"{url}/bonus/grant", json=grant("k1"), timeout=5).status_code == 201
+    [entry] = ledger(url, full=True)["entries"]
+    assert entry["applications"] == 1 and entry["applied_at"] > entry["first_received_at"]
 
 
 def test_ledger_entries_filtered_by_campaign_and_customer_prefix(bonus):

@@ -77,13 +77,21 @@ class StandInListener:
         if self.role == "bonus":
             grants = [{**common, "idempotency_key": f"{notification_id}-{code}-{salt}", "promo_code": code}
                       for code in notification.promo_codes for salt in salts]
-            session.post(f"{self.peer_url}/bonus/grants", json={"grants": grants}, timeout=5)
+            self.post(session, f"{self.peer_url}/bonus/grants", {"grants": grants})
         else:
             attributes = {key: value for key, value in body.items() if key.lower() in ("email", "firstname")}
             sends = [{**common, "idempotency_key": f"{notification_id}-{salt}", "template_id": notification.template_id,
                       "attributes": attributes, "promo_codes": notification.promo_codes, "scheduled_time": None}
                      for salt in salts]
-            session.post(f"{self.peer_url}/send/sends", json={"sends": sends}, timeout=5)
+            self.post(session, f"{self.peer_url}/send/sends", {"sends": sends})
+
+    @staticmethod
+    def post(session, url, body):
+        """Post until the peer answers 200 (it may inject 503s), as the relay retries."""
+        for _ in range(50):
+            if session.post(url, json=body, timeout=5).status_code == 200:
+                return
+            time.sleep(0.05)  # the relay's backoff, shortened
 
 
 @pytest.fixture
@@ -121,7 +129,7 @@ def test_bonus_run_is_ok_and_counts_every_code(world):
     assert codes > 40 and summary["expected_effects"] == summary["effects_seen"] == codes
     assert summary["lost"] == 0 and summary["duplicate_effects"] == 0 and summary["errors"] == {}
     assert summary["latency_ms"]["count"] == 40 and 0 <= summary["latency_ms"]["p50"] <= summary["latency_ms"]["max"]
-    assert 50 < summary["achieved_rate"] < 200
+    assert 0 < summary["achieved_rate"] <= 100 and summary["send_lag_ms_max"] >= 0
     assert phases[-1][0] == "waiting" and phases[-1][1] == phases[-1][2] == codes
     assert ("sending", 40, 40) in phases
     spellings = {frozenset(key for key in body if key.lower() == "customerid") for body in stand_in.bodies}
@@ -210,6 +218,18 @@ def test_latency_ends_when_the_call_reaches_the_fake(world):
     summary = run_realtime(url, sim.bonus_admin_url, "bonus", 600, rate=20, duration=0.25, timeout=5)
     # the fake notes arrival before its injected latency, so that latency does not count
     assert summary["ok"] and summary["latency_ms"]["max"] < 200
+    assert summary["applied_latency_ms"]["count"] == 5 and summary["applied_latency_ms"]["max"] < 200
+
+
+def test_applied_latency_includes_the_retries_after_a_failure(world):
+    sim, listener = world
+    requests.post(f"{sim.send_admin_url}/_sim/config", json={"failure_rate": 0.5, "seed": 3}, timeout=5)
+    _, url = listener("send")
+    summary = run_realtime(url, sim.send_admin_url, "send", 610, rate=50, duration=0.2, timeout=10)
+    first, applied = summary["latency_ms"], summary["applied_latency_ms"]
+    assert summary["ok"] and first["count"] == applied["count"] == 10
+    assert applied["max"] >= 45 and applied["max"] >= first["max"] and applied["p50"] >= first["p50"]
+    assert "202 -> applied" in realtime.format_realtime_summary(summary)
 
 
 def test_percentiles_use_nearest_rank():

@@ -44,16 +44,17 @@ def test_batch_is_idempotent_per_key(send):
 
 def test_single_send_201_409_422_and_400(send):
     _, url = send(reject_template_ids=[99])
-    body = item("k1")
-    first = requests.post(f"{url}/send/send", json=body, headers={"Idempotency-Key": "k1"}, timeout=5)
-    assert first.status_code == 201 and first.json()["reference"]
-    again = requests.post(f"{url}/send/send", json={**body, "idempotency_key": None},
-                          headers={"Idempotency-Key": "k1"}, timeout=5)
-    assert again.status_code == 409 and again.json()["reference"] == first.json()["reference"]
-    mismatch = requests.post(f"{url}/send/send", json=body, headers={"Idempotency-Key": "other"}, timeout=5)
-    assert mismatch.status_code == 400
-    rejected = requests.post(f"{url}/send/send", json=item("k2", template=99), timeout=5)
-    assert rejected.status_code == 422 and "99" in rejected.json()["reason"]
+    calls = [  # (body, Idempotency-Key header, expected status)
+        (item("k1"), "k1", 201),
+        ({**item("k1"), "idempotency_key": None}, "k1", 409),
+        (item("k1"), "other", 400),
+        (item("k2", template=99), None, 422),
+    ]
+    answers = [requests.post(f"{url}/send/send", json=body, headers={"Idempotency-Key": key} if key else {},
+                             timeout=5) for body, key, _ in calls]
+    assert [answer.status_code for answer in answers] == [status for *_, status in calls]
+    assert answers[0].json()["reference"] == answers[1].json()["reference"]
+    assert "match" in answers[2].json()["reason"] and "99" in answers[3].json()["reason"]
     state = ledger(url)
     assert state["applied"] == 1 and state["rejected"] == 1
 

@@ -24,7 +24,7 @@ class Grants(Ledger):
     def columns(self, scope: Scope, claims: list[tuple[str, str]]) -> dict[str, tuple[str, list]]:
         pairs = sorted(claims)
         return {"customer_id": ("text", [c for c, _ in pairs]), "promo_code": ("text", [p for _, p in pairs]),
-                "idempotency_key": ("text", [scope.key(c, p) for c, p in pairs])}
+                "idempotency_key": ("text", scope.keys(pairs))}
 
     def item(self, row: repo.ClaimedRow) -> GrantItem:
         v = row.values

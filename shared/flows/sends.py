@@ -44,7 +44,8 @@ class Sends(Ledger):
             "attributes": ("jsonb", [json.dumps(c.attributes, separators=(",", ":")) for c in claims]),
             "promo_codes": ("jsonb", [json.dumps(c.promo_codes) for c in claims]),
             "scheduled_time": ("timestamptz", [c.scheduled_time for c in claims]),
-            "idempotency_key": ("text", [scope.key(scope.channel_id, c.customer_id, c.template_id) for c in claims]),
+            "idempotency_key": ("text", scope.keys((str(scope.channel_id), c.customer_id, str(c.template_id))
+                                                   for c in claims)),
         }
 
     def item(self, row: repo.ClaimedRow) -> SendItem:

@@ -10,6 +10,7 @@ def campaign_status(conn, campaign_id: int) -> dict:
     """Runs of a campaign with cursor, counts, status and timings, plus totals, ledgers and an overall status.
 
     `ledger` is the grant ledger by status (kept for existing readers); `ledgers` has every ledger.
+    A campaign the relay knows nothing of is `unknown`.
     """
     runs = repo.runs_for_campaign(conn, campaign_id)
     out_runs = []
@@ -24,10 +25,12 @@ def campaign_status(conn, campaign_id: int) -> dict:
             "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
             "seconds": round(seconds, 3),
         })
-    statuses = {r["status"] for r in runs}
-    overall = ("unknown" if not runs else "running" if "running" in statuses
-               else "failed" if "failed" in statuses else "done")
     ledgers = {t.name: repo.ledger_counts(conn, t, campaign_id) for t in repo.LEDGER_TABLES}
+    # a real-time campaign has ledger rows but no runs: it is running while a row is in flight
+    statuses = {r["status"] for r in runs} or {"running" if counts.get("claimed") else "done"
+                                               for counts in ledgers.values() if counts}
+    overall = ("unknown" if not statuses else "running" if "running" in statuses
+               else "failed" if "failed" in statuses else "done")
     return {"campaign_id": campaign_id, "status": overall, "runs": out_runs,
             "totals": {k: sum(r[k] for r in runs) for k in COUNTS},
             "ledger": ledgers["grants"], "ledgers": ledgers}

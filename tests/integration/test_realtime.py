@@ -224,3 +224,19 @@ def test_a_second_registration_of_a_route_is_an_error():
     with pytest.raises(RouteConflict, match="two different flows are named 'one'"):
         router.add(13, "bonus", Flow("one", "", lambda rt, conn, n: Outcome("done")))
     router.add(11, "send", one)  # the same flow on two routes is fine
+
+
+def test_status_view_of_a_realtime_campaign_comes_from_its_ledgers(rt, db):
+    from shared.views import campaign_status
+
+    rt.send.queue("retry")
+    inbox.process_notification(rt, trigger(rt, body("c-11")))
+    retry = inbox.process_notification(rt, trigger(rt, body("c-11", SEND)))
+    with unit_of_work(rt.engine) as conn:
+        status = campaign_status(conn, 9001)
+    assert status["runs"] == [] and status["status"] == "running"
+    assert status["ledgers"] == {"grants": {"granted": 2}, "sends": {"claimed": 1}}
+    SENDS.deliver(rt, *retry[0].args)
+    with unit_of_work(rt.engine) as conn:
+        assert campaign_status(conn, 9001)["status"] == "done"
+        assert campaign_status(conn, 424242)["status"] == "unknown"

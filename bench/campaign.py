@@ -260,15 +260,12 @@ def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campai
 
 def channel_pages(spec: dict, page_size: int):
     """Per Optimove page, in channel order, the (customer, promo) pairs the relay offers to the ledger."""
-    from shared.flows.scheduled import _pairs
+    from shared.flows.grants import codes_per_customer
 
     n = spec["customers_per_channel"]
     for channel in spec["channels"]:
         for skip in range(0, n, page_size):
-            pairs = []
-            for row in campaigns.channel_rows(spec, channel, skip, page_size):
-                pairs.extend(_pairs(row) or ())
-            yield pairs
+            yield codes_per_customer(campaigns.channel_rows(spec, channel, skip, page_size))
 
 
 def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int) -> dict:

@@ -7,7 +7,7 @@ Starts Postgres and Redis (embedded under a temp folder, fsync on and AOF, unles
 are set), the simulator (`python -m simulator serve`: fake Optimove, bonus system and send service) and
 the relay's processes the way `relay up` runs them: `relay web` (2 workers x 4 threads, as
 bench/campaign.py), a campaign worker (`--queues notifications,campaigns,grants --concurrency 2`) and a
-dedicated real-time worker (`--queues realtime --concurrency 2`), each in its own session with its log
+dedicated real-time worker (`--queues realtime --pool threads --concurrency 8`, as `relay up`), each in its own session with its log
 in a file. The channel config is `relay up`'s demo one: bonus channels 504-506 (the campaign), bonus
 channel 600 and send channel 610 (real-time triggers).
 
@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 from bench._common import start_stores  # noqa: E402
 from bench.campaign import (CHANNELS, CODES, MULTI_CODE_EVERY, OVERLAP, POLL_INTERVAL, TOKEN, Group,  # noqa: E402
                             granted_so_far, relay_env, run_campaign, start_relay, start_simulator)
-from cli.supervisor import DEMO_CHANNELS  # noqa: E402
+from cli.supervisor import DEMO_CHANNELS, REALTIME_POOL  # noqa: E402
 from shared.dispatch import CAMPAIGN_QUEUES, REALTIME  # noqa: E402
 from simulator.realtime import ROLES, percentiles, run_realtime  # noqa: E402
 
@@ -91,10 +91,11 @@ def cpu_model() -> str:
 def start_workers(args, env: dict, tmp: Path, stack: ExitStack) -> dict[str, Group]:
     """The campaign worker and the dedicated real-time worker, as `relay up` runs them."""
     workers = {}
-    for name, queues, n in (("worker", ",".join(CAMPAIGN_QUEUES), args.workers),
-                            ("realtime", REALTIME, args.realtime_concurrency)):
-        group = Group(name, [sys.executable, "-m", "cli.main", "worker", "--queues", queues,
-                             "--concurrency", str(n)], env, tmp)
+    for name, queues, n, pool, nice in (
+            ("worker", ",".join(CAMPAIGN_QUEUES), args.workers, "prefork", args.campaign_nice),
+            ("realtime", REALTIME, args.realtime_concurrency, args.realtime_pool, 0)):
+        group = Group(name, ["nice", "-n", str(nice), sys.executable, "-m", "cli.main", "worker", "--queues", queues,
+                             "--concurrency", str(n), "--pool", pool], env, tmp)
         stack.callback(group.stop)
         workers[name] = group
     return workers
@@ -341,8 +342,10 @@ def run(args) -> dict:
         "runs": runs, "campaigns_finished": campaigns_checked, "targets": targets,
         "setup": {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
                   "stores": ", ".join(notes), "web": "relay web --workers 2 --threads 4",
-                  "campaign_worker": f"relay worker --queues {','.join(CAMPAIGN_QUEUES)} --concurrency {args.workers}",
-                  "realtime_worker": f"relay worker --queues {REALTIME} --concurrency {args.realtime_concurrency}",
+                  "campaign_worker": f"nice -n {args.campaign_nice} relay worker --queues {','.join(CAMPAIGN_QUEUES)} "
+                                     f"--concurrency {args.workers}",
+                  "realtime_worker": f"relay worker --queues {REALTIME} --pool {args.realtime_pool} "
+                                     f"--concurrency {args.realtime_concurrency}",
                   "page_size": args.page_size, "bonus_batch_size": args.batch_size, "rate_limit": args.rate_limit,
                   "campaign": f"channels {','.join(map(str, CHANNELS))} x {args.customers} customers, "
                               f"{OVERLAP:.0%} overlap, every {MULTI_CODE_EVERY}nd customer {'+'.join(CODES)}",
@@ -427,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-campaign", action="store_true",
                         help="after the last loaded run, wait for the campaign to finish and check its counts")
     parser.add_argument("--workers", type=int, default=2, help="--concurrency of the campaign worker")
-    parser.add_argument("--realtime-concurrency", type=int, default=2,
-                        help="--concurrency of the real-time worker (`relay up`: 2)")
+    parser.add_argument("--realtime-concurrency", type=int, default=int(REALTIME_POOL[3]),
+                        help="--concurrency of the real-time worker (as `relay up`)")
+    parser.add_argument("--campaign-nice", type=int, default=0,
+                        help="nice value of the campaign worker (`relay up`: 0)")
+    parser.add_argument("--realtime-pool", choices=["prefork", "threads"], default=REALTIME_POOL[1],
+                        help="--pool of the real-time worker (as `relay up`)")
     parser.add_argument("--page-size", type=int, default=10_000, help="OPTIMOVE_PAGE_SIZE")
     parser.add_argument("--batch-size", type=int, default=5000, help="BONUS_BATCH_SIZE")
     parser.add_argument("--rate-limit", default="100000/1s", help="OPTIMOVE_RATE_LIMIT (and the simulator's)")

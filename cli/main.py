@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from shared.dispatch import QUEUES
 from shared.settings import Settings, SettingsError
 
 DEFAULT_DATA_DIR = ".relay"
@@ -90,12 +91,20 @@ def _celery():
 
 
 @main.command()
-@click.option("--queues", default="realtime,notifications,campaigns,grants", show_default=True)
-@click.option("--concurrency", default=2, show_default=True)
-def worker(queues: str, concurrency: int) -> None:
-    """Run a Celery worker on the given queues."""
+@click.option("--queues", default=",".join(QUEUES), show_default=True,
+              help="comma-separated queues to consume (default: every queue)")
+@click.option("--concurrency", default=2, show_default=True, help="processes (prefork) or threads")
+@click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork", show_default=True,
+              help="prefork for the CPU-bound campaign queues; threads for the I/O-bound realtime queue")
+def worker(queues: str, concurrency: int, pool: str) -> None:
+    """Run a Celery worker on the given queues (each process or thread takes one message at a time)."""
+    unknown = [q for q in queues.split(",") if q.strip() not in QUEUES]
+    if unknown or not queues.strip():
+        click.echo(f"relay: --queues: unknown queue(s) {', '.join(unknown) or '(none given)'}; "
+                   f"expected some of {', '.join(QUEUES)}", err=True)
+        sys.exit(2)
     app, settings = _celery()
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-n", f"relay-{os.getpid()}@%h",
+    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "-n", f"relay-{os.getpid()}@%h",
                      "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle"])
 
 

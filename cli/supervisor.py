@@ -22,6 +22,9 @@ from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_po
 from shared.dispatch import CAMPAIGN_QUEUES, REALTIME
 from shared.settings import Settings
 
+# Real-time tasks mostly wait (Postgres commits, the peer's answer): threads give capacity without CPU.
+REALTIME_POOL = ["--pool", "threads", "--concurrency", "8"]
+
 COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
 
 # The channels of the simulator's demo (used when RELAY_CHANNEL_CONFIG is unset): the campaign
@@ -151,7 +154,7 @@ class Supervisor:
             Child("web", relay + ["web", "--port", str(self.port)]),
             Child("worker", relay + ["worker", "--queues", ",".join(CAMPAIGN_QUEUES),
                                      "--concurrency", str(self.workers)]),
-            Child("realtime", relay + ["worker", "--queues", REALTIME, "--concurrency", "2"]),
+            Child("realtime", relay + ["worker", "--queues", REALTIME] + REALTIME_POOL),
             Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
             Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
         ):

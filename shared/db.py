@@ -56,7 +56,12 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
     """One transaction: committed when the block ends normally, rolled back otherwise."""
     try:
         with engine.begin() as conn:
-            yield conn
+            try:
+                yield conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:  # from a raw cursor (bulk SQL)
+                stale = bool(conn.connection.driver_connection.closed)
+                conn.invalidate()
+                raise DatabaseUnavailable(_first_line(exc), stale_connection=stale) from exc
     except sa.exc.DBAPIError as exc:
         if not (isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated):
             raise

@@ -13,7 +13,7 @@ from workers import tasks
 def create_celery(settings: Settings) -> Celery:
     """A Celery app for `settings` with the relay's tasks registered and a Runtime attached."""
     app = broker.create_app(settings)
-    app.relay_runtime = Runtime(settings)
+    app.relay_runtime = Runtime(settings, pre_ping=False)  # a stale connection is replayed (tasks._run)
     tasks.register(app)
     return app
 

@@ -18,7 +18,7 @@ class Outcome:
     status: str
     reason: str | None = None
     follow_ups: list[Enqueue] = field(default_factory=list)
-    deliver_now: list[tuple["Ledger", list[int]]] = field(default_factory=list)
+    deliver_now: list[tuple["Ledger", list]] = field(default_factory=list)  # (ledger, claimed rows)
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ def process_notification(rt, notification_id: int) -> list[Enqueue]:
         if outcome is None:
             return []
         follow_ups = list(outcome.follow_ups)
-        for ledger, ids in outcome.deliver_now:
-            if ids:
-                follow_ups += ledger.deliver(rt, None, ids)
+        for ledger, rows in outcome.deliver_now:
+            if rows:
+                follow_ups += ledger.deliver_claimed(rt, None, rows)
         return follow_ups
 
 

@@ -95,6 +95,12 @@ class Ledger:
             return []
         return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims))
 
+    def claim_rows(self, conn, scope: Scope, claims: list) -> list[repo.ClaimedRow]:
+        """`claim`, returning the rows won, for a delivery right after the commit without reading them back."""
+        if not claims:
+            return []
+        return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=True)
+
     def deliveries(self, rows: Iterable[tuple[int | None, int, str]], settings) -> list[Enqueue]:
         """Delivery tasks for (run id, row id, source) triples, on the queue each source belongs to."""
         return dispatch.deliveries(self.task, rows, self.batch_size(settings))
@@ -107,6 +113,10 @@ class Ledger:
                 if run_id is not None:
                     repo.finish_run_if_complete(conn, run_id)
                 return []
+        return self.deliver_claimed(rt, run_id, claimed)
+
+    def deliver_claimed(self, rt, run_id: int | None, claimed: list[repo.ClaimedRow]) -> list[Enqueue]:
+        """Send rows this caller holds `claimed` (read or just claimed) to the peer and record each result."""
         rows = {row.idempotency_key: row for row in claimed}
         try:
             results = self.call(rt, [self.item(row) for row in rows.values()])

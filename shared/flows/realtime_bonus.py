@@ -23,11 +23,11 @@ def customer_triggered(rt, conn, notification: dict) -> Outcome:
     policy = rt.settings.realtime_grant_policy
     scope = Scope(trigger.campaign_id, trigger.channel_id, SOURCE, notification_id=notification["id"],
                   per_notification=policy == "once_per_notification")
-    ids = GRANTS.claim(conn, scope, [(trigger.customer_id, code) for code in trigger.promo_codes])
-    if not ids:
+    rows = GRANTS.claim_rows(conn, scope, [(trigger.customer_id, code) for code in trigger.promo_codes])
+    if not rows:
         return Outcome("done", f"customer {trigger.customer_id} already holds these codes of campaign "
                                f"{trigger.campaign_id} ({policy})")
-    return Outcome("done", deliver_now=[(GRANTS, ids)])
+    return Outcome("done", deliver_now=[(GRANTS, rows)])
 
 
 FLOW = Flow(name="realtime_bonus", title="flow 5, bonus for real-time campaigns", start=customer_triggered)

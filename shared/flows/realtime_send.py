@@ -26,7 +26,7 @@ def customer_triggered(rt, conn, notification: dict) -> Outcome:
     scope = Scope(trigger.campaign_id, trigger.channel_id, SOURCE, notification_id=notification["id"],
                   per_notification=True)
     claim = SendClaim(trigger.customer_id, trigger.template_id, trigger.attributes, trigger.promo_codes)
-    return Outcome("done", deliver_now=[(SENDS, SENDS.claim(conn, scope, [claim]))])
+    return Outcome("done", deliver_now=[(SENDS, SENDS.claim_rows(conn, scope, [claim]))])
 
 
 FLOW = Flow(name="realtime_send", title="flow 2, real-time execution", start=customer_triggered)

@@ -240,3 +240,46 @@ def test_status_view_of_a_realtime_campaign_comes_from_its_ledgers(rt, db):
     with unit_of_work(rt.engine) as conn:
         assert campaign_status(conn, 9001)["status"] == "done"
         assert campaign_status(conn, 424242)["status"] == "unknown"
+
+
+def test_worker_tasks_replay_once_on_connections_killed_by_a_postgres_restart(redis_url, tmp_path):
+    """Workers skip the pre-ping round trip: a task that meets a dead pooled connection runs once more."""
+    from types import SimpleNamespace
+
+    from cli.embedded import EmbeddedPostgres
+    from shared.db import DatabaseUnavailable, upgrade
+    from workers import tasks
+
+    channels = tmp_path / "channels.json"
+    channels.write_text(json.dumps({"channels": {str(SEND): {"role": "send"}}}))
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    published, original = [], tasks.publish
+    try:
+        upgrade(pg.start())
+        rt = Runtime(make_settings(DATABASE_URL=pg.url, REDIS_URL=redis_url, RELAY_CHANNEL_CONFIG=str(channels)),
+                     pre_ping=False)
+        rt.__dict__["send"] = FakeSendAdapter()
+        task = SimpleNamespace(app=SimpleNamespace(relay_runtime=rt), request=SimpleNamespace(id="t-1"))
+        tasks.publish = lambda app, items: published.append(items)
+        tasks._run(task, inbox.process_notification, trigger(rt, body("c-20", SEND)))
+        second = trigger(rt, body("c-21", SEND))
+        pg.stop()
+        pg.start()  # the pooled connection is now dead
+        runs = []
+
+        def process(rt, notification_id):
+            runs.append(notification_id)
+            return inbox.process_notification(rt, notification_id)
+
+        tasks._run(task, process, second)  # meets the dead connection, then replays on a fresh one
+        assert runs == [second, second]
+        assert [i.customer_id for i in rt.send.applied.values()] == ["c-20", "c-21"]
+        assert published == [[], []]
+        pg.stop()
+        with pytest.raises(DatabaseUnavailable):  # Postgres down: one replay (the pooled connection died), then it fails
+            tasks._run(task, process, second)
+        assert len(runs) == 4
+        rt.engine.dispose()
+    finally:
+        tasks.publish = original
+        pg.stop()

@@ -93,11 +93,11 @@ class Group:
         stop_group(self.proc, 10)
 
 
-def start_simulator(tmp: Path, stack: ExitStack, rate_limit: str) -> dict:
+def start_simulator(tmp: Path, stack: ExitStack, rate_limit: str, name: str = "simulator") -> dict:
     """`python -m simulator serve` on free ports; its URLs from the ready file."""
-    ready = tmp / "simulator.ready"
+    ready = tmp / f"{name}.ready"
     env = {**os.environ, "SIMULATOR_API_KEY": API_KEY, "PYTHONUNBUFFERED": "1"}
-    sim = Group("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
+    sim = Group(name, [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
                               "--bonus-port", "0", "--ready-file", str(ready), "--rate-limit", rate_limit],
                 env, tmp)
     stack.callback(sim.stop)

@@ -270,7 +270,11 @@ def run(args) -> dict:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         say(args, f"starting stores, simulator and relay (logs in {tmp})")
         db_url, redis_url, store_pids, notes = start_stores(tmp, stack, appendonly=True)
-        sim = start_simulator(tmp, stack, args.rate_limit)
+        # Optimove and the operator's peers are different systems: by default each runs in its own
+        # simulator process, so serving Optimove's 10,000-row pages does not hold the peers' GIL
+        sim = start_simulator(tmp, stack, args.rate_limit, name="peers")
+        optimove = sim if args.one_simulator else start_simulator(tmp, stack, args.rate_limit, name="optimove")
+        sim = {**sim, "optimove_url": optimove["optimove_url"], "optimove_pid": optimove["pid"]}
         if not sim.get("send_url"):
             raise RuntimeError(f"the simulator's ready file has no send_url: {sorted(sim)}")
         channels = tmp / "channels.json"
@@ -282,7 +286,8 @@ def run(args) -> dict:
         workers = start_workers(args, env, tmp, stack)
         web_pid = next(p.pid for p in psutil.Process().children() if "web.app:create_app()" in p.cmdline())
         roots = {"web": web_pid, "campaign worker": workers["worker"].proc.pid,
-                 "realtime worker": workers["realtime"].proc.pid, "simulator": sim["pid"],
+                 "realtime worker": workers["realtime"].proc.pid, "simulator (peers)": sim["pid"],
+                 **({} if args.one_simulator else {"simulator (Optimove)": sim["optimove_pid"]}),
                  **dict(zip(("postgres", "redis") if len(store_pids) == 2 else ("store",), store_pids)),
                  "bench (load + polls)": os.getpid()}
         meter = CpuMeter(roots)
@@ -342,7 +347,9 @@ def run(args) -> dict:
         "runs": runs, "campaigns_finished": campaigns_checked, "targets": targets,
         "setup": {"cpus": os.cpu_count(), "cpu_model": cpu_model(),
                   "stores": ", ".join(notes), "web": "relay web --workers 2 --threads 4",
-                  "campaign_worker": f"nice -n {args.campaign_nice} relay worker --queues {','.join(CAMPAIGN_QUEUES)} "
+                  "simulators": ("one process (fake Optimove + peers)" if args.one_simulator
+                                 else "two processes (fake Optimove; fake bonus system + send service)"),
+                  "campaign_worker": f"{f'nice -n {args.campaign_nice} ' if args.campaign_nice else ''}relay worker --queues {','.join(CAMPAIGN_QUEUES)} "
                                      f"--concurrency {args.workers}",
                   "realtime_worker": f"relay worker --queues {REALTIME} --pool {args.realtime_pool} "
                                      f"--concurrency {args.realtime_concurrency}",
@@ -362,7 +369,7 @@ def _ms(value) -> str:
 def report(res: dict) -> str:
     s = res["setup"]
     lines = [f"command: {res['command']}",
-             f"setup:   {s['cpus']} CPUs ({s['cpu_model']}), {s['stores']}",
+             f"setup:   {s['cpus']} CPUs ({s['cpu_model']}), {s['stores']}, simulator in {s['simulators']}",
              f"         {s['web']}; {s['campaign_worker']}; {s['realtime_worker']}",
              f"         campaign: {s['campaign']}, page {s['page_size']}, bonus batch {s['bonus_batch_size']}, "
              f"rate limit {s['rate_limit']}",
@@ -432,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="--concurrency of the campaign worker")
     parser.add_argument("--realtime-concurrency", type=int, default=int(REALTIME_POOL[3]),
                         help="--concurrency of the real-time worker (as `relay up`)")
+    parser.add_argument("--one-simulator", action="store_true",
+                        help="fake Optimove and fake peers in one simulator process (one GIL)")
     parser.add_argument("--campaign-nice", type=int, default=0,
                         help="nice value of the campaign worker (`relay up`: 0)")
     parser.add_argument("--realtime-pool", choices=["prefork", "threads"], default=REALTIME_POOL[1],

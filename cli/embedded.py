@@ -95,7 +95,7 @@ class EmbeddedPostgres:
         log_file = self.pgdata / "server.log"
         self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60", "-o",
                   f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c max_connections=200 "
-                  f"-c fsync=on -c shared_buffers=128MB", "start", timeout=90)
+                  f"-c fsync=on -c shared_buffers=128MB -c wal_writer_delay=10ms -c max_wal_size=4GB", "start", timeout=90)
         self._ensure_database()
         return self.url
 

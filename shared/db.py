@@ -35,11 +35,13 @@ def sqlalchemy_url(url: str) -> str:
     return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else url
 
 
-def make_engine(url: str, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+def make_engine(url: str, pool_size: int = 16, pre_ping: bool = True) -> Engine:
     """An engine with short connect timeouts so an outage fails fast instead of hanging.
 
     `pre_ping` tests each connection on checkout (one round trip); a caller that retries on
-    `DatabaseUnavailable.stale_connection` instead can turn it off.
+    `DatabaseUnavailable.stale_connection` instead can turn it off. Connections open on demand, so
+    a process that runs one thing at a time holds one; `pool_size` covers a thread pool (the
+    real-time worker's threads) without opening and closing overflow connections per task.
     """
     return sa.create_engine(
         sqlalchemy_url(url),

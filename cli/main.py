@@ -104,6 +104,11 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
                    f"expected some of {', '.join(QUEUES)}", err=True)
         sys.exit(2)
     app, settings = _celery()
+    if pool == "threads":
+        from celery import concurrency as pools
+
+        pools.ALIASES["custom"] = "workers.pool:WakingThreadPool"  # Celery's hook for an own pool
+        pool = "custom"
     app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "-n", f"relay-{os.getpid()}@%h",
                      "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle"])
 

@@ -1,6 +1,6 @@
 """Real-time triggers (flows 5 and 2) while the peer is down: nothing lost, nothing twice.
 
-Real `relay web`, a dedicated real-time worker (`relay worker --queues realtime`) and beat run
+Real `relay web`, a dedicated real-time worker (`relay worker --queues realtime --pool threads`) and beat run
 against the simulator. The fake bonus system (or send service) answers 503 to every call for
 20 s while a burst of EventTypeID 11 notifications arrives, with the relay's default attempt
 budget. After it comes back, every acknowledged notification must have its effect exactly once
@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from cli.supervisor import REALTIME_POOL
 from shared import dispatch
 from simulator.realtime import run_realtime
 from tests.conftest import TOKEN, count, poll
@@ -38,7 +39,7 @@ def test_peer_down_20s_during_a_realtime_burst(role, procs, make_simulator, priv
                     BONUS_URL=sim.bonus_url, SEND_URL=sim.send_url, RELAY_CHANNEL_CONFIG=channels,
                     RELAY_SWEEP_AFTER=5, RELAY_SWEEP_INTERVAL=1)
     base = start_web(procs, env)
-    procs.start("realtime", ["worker", "--queues", dispatch.REALTIME, "--concurrency", "2"], env)
+    procs.start("realtime", ["worker", "--queues", dispatch.REALTIME, *REALTIME_POOL], env)  # as `relay up`
     procs.start("beat", ["beat", "--schedule-file", str(tmp_path / "beat")], env)
     peer, admin = (sim.bonus, sim.bonus_admin_url) if role == "bonus" else (sim.send, sim.send_admin_url)
 

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 from bench._common import start_stores  # noqa: E402
 from bench.campaign import (CHANNELS, CODES, MULTI_CODE_EVERY, OVERLAP, POLL_INTERVAL, TOKEN, Group,  # noqa: E402
                             granted_so_far, relay_env, run_campaign, start_relay, start_simulator)
-from cli.supervisor import DEMO_CHANNELS, REALTIME_POOL  # noqa: E402
+from cli.supervisor import DEMO_CHANNELS, REALTIME_POOL, REALTIME_PROCESSES  # noqa: E402
 from shared.dispatch import CAMPAIGN_QUEUES, REALTIME  # noqa: E402
 from simulator.realtime import ROLES, percentiles, run_realtime  # noqa: E402
 
@@ -91,9 +91,11 @@ def cpu_model() -> str:
 def start_workers(args, env: dict, tmp: Path, stack: ExitStack) -> dict[str, Group]:
     """The campaign worker and the dedicated real-time worker, as `relay up` runs them."""
     workers = {}
+    extra = [(f"realtime{i}", REALTIME, args.realtime_concurrency, args.realtime_pool, 0)
+             for i in range(2, args.realtime_processes + 1)]
     for name, queues, n, pool, nice in (
             ("worker", ",".join(CAMPAIGN_QUEUES), args.workers, "prefork", args.campaign_nice),
-            ("realtime", REALTIME, args.realtime_concurrency, args.realtime_pool, 0)):
+            ("realtime", REALTIME, args.realtime_concurrency, args.realtime_pool, 0), *extra):
         group = Group(name, ["nice", "-n", str(nice), sys.executable, "-m", "cli.main", "worker", "--queues", queues,
                              "--concurrency", str(n), "--pool", pool], env, tmp)
         stack.callback(group.stop)
@@ -351,8 +353,8 @@ def run(args) -> dict:
                                  else "two processes (fake Optimove; fake bonus system + send service)"),
                   "campaign_worker": f"{f'nice -n {args.campaign_nice} ' if args.campaign_nice else ''}relay worker --queues {','.join(CAMPAIGN_QUEUES)} "
                                      f"--concurrency {args.workers}",
-                  "realtime_worker": f"relay worker --queues {REALTIME} --pool {args.realtime_pool} "
-                                     f"--concurrency {args.realtime_concurrency}",
+                  "realtime_worker": f"{args.realtime_processes} x relay worker --queues {REALTIME} "
+                                     f"--pool {args.realtime_pool} --concurrency {args.realtime_concurrency}",
                   "page_size": args.page_size, "bonus_batch_size": args.batch_size, "rate_limit": args.rate_limit,
                   "campaign": f"channels {','.join(map(str, CHANNELS))} x {args.customers} customers, "
                               f"{OVERLAP:.0%} overlap, every {MULTI_CODE_EVERY}nd customer {'+'.join(CODES)}",
@@ -439,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="--concurrency of the campaign worker")
     parser.add_argument("--realtime-concurrency", type=int, default=int(REALTIME_POOL[3]),
                         help="--concurrency of the real-time worker (as `relay up`)")
+    parser.add_argument("--realtime-processes", type=int, default=REALTIME_PROCESSES,
+                        help="real-time worker processes, as `relay up` (the task figures are the first one's)")
     parser.add_argument("--one-simulator", action="store_true",
                         help="fake Optimove and fake peers in one simulator process (one GIL)")
     parser.add_argument("--campaign-nice", type=int, default=0,

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+T = TypeVar("T")
 
 
 class DatabaseUnavailable(Exception):
@@ -94,6 +95,20 @@ def raw_transaction(engine: Engine) -> Iterator:
         raise
     finally:
         raw.close()
+
+
+def once_more_if_stale(fn: Callable[..., T], *args) -> T:
+    """`fn(*args)`, run a second time if it met a pooled connection that died with a Postgres restart.
+
+    For callers that skip the pre-ping round trip (the listener, the workers) and whose `fn` is
+    safe to replay. Any other `DatabaseUnavailable` (Postgres down) is raised.
+    """
+    try:
+        return fn(*args)
+    except DatabaseUnavailable as exc:
+        if not exc.stale_connection:
+            raise
+    return fn(*args)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ SWEEP = "relay.sweep"
 TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP)
 
 REALTIME_EVENT_TYPES = (11,)
-REALTIME_SOURCES = ("realtime",)
+REALTIME_SOURCE = "realtime"  # the `source` of real-time ledger rows: their deliveries stay on REALTIME
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def notification_queue(event_type: int) -> str:
 
 def delivery_queue(source: str) -> str:
     """The queue of a ledger row's delivery: real-time rows stay on `realtime`."""
-    return REALTIME if source in REALTIME_SOURCES else GRANTS
+    return REALTIME if source == REALTIME_SOURCE else GRANTS
 
 
 def process_notification(notification_id: int, event_type: int, countdown: float | None = None) -> Enqueue:

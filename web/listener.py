@@ -10,7 +10,7 @@ from flask import Blueprint, Flask, jsonify, request
 
 from shared import dispatch, repository as repo
 from shared.broker import publish
-from shared.db import DatabaseUnavailable, raw_transaction
+from shared.db import once_more_if_stale, raw_transaction
 from shared.schemas import parse_notification
 from web.context import celery, runtime
 from web.errors import ApiError
@@ -51,13 +51,7 @@ def _decode(raw: bytes) -> tuple[str, object]:
 
 
 def _store(engine, notification, text: str) -> tuple[int, bool]:
-    """Insert and commit; one retry when the pooled connection was dead (Postgres restarted)."""
-    try:
-        with raw_transaction(engine) as conn:
-            return repo.insert_notification(conn, notification, text)
-    except DatabaseUnavailable as exc:
-        if not exc.stale_connection:
-            raise
+    """Insert and commit (`once_more_if_stale` retries it when the pooled connection was dead)."""
     with raw_transaction(engine) as conn:
         return repo.insert_notification(conn, notification, text)
 
@@ -76,7 +70,7 @@ def receive():
     text, body = _decode(request.get_data(cache=True))
     hint = request.args.get("EventTypeID") or request.args.get("event_type")
     notification = parse_notification(body, hint)
-    notification_id, created = _store(rt.engine, notification, text)
+    notification_id, created = once_more_if_stale(_store, rt.engine, notification, text)
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:

@@ -5,7 +5,7 @@ from celery import Celery, shared_task
 
 from shared import dispatch
 from shared.broker import publish
-from shared.db import DatabaseUnavailable
+from shared.db import once_more_if_stale
 from shared.flows import inbox, paging, sweeper
 from shared.flows.grants import GRANTS
 from shared.flows.routing import FLOWS
@@ -15,16 +15,8 @@ from shared.logs import log_context
 
 def _run(task, fn, *args, **ids):
     with log_context(task_id=task.request.id, **ids):
-        rt = task.app.relay_runtime
-        try:
-            follow_ups = fn(rt, *args)
-        except DatabaseUnavailable as exc:
-            if not exc.stale_connection:
-                raise
-            # a pooled connection died with a Postgres restart (workers skip the pre-ping round trip);
-            # every domain step is safe to replay, so run it once more on a fresh connection
-            follow_ups = fn(rt, *args)
-        publish(task.app, follow_ups)
+        # workers skip the pre-ping round trip; every domain step is safe to replay
+        publish(task.app, once_more_if_stale(fn, task.app.relay_runtime, *args))
 
 
 @shared_task(name=dispatch.PROCESS_NOTIFICATION, bind=True)

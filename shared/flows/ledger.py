@@ -89,17 +89,12 @@ class Ledger:
         """Attempts per row before it is parked as `failed` (`<PREFIX>_MAX_ATTEMPTS`)."""
         return getattr(settings, f"{self.settings_prefix}_max_attempts")
 
-    def claim(self, conn, scope: Scope, claims: list) -> list[int]:
-        """Claim `claims` in `scope` (inside the caller's transaction); return the ids this call won."""
+    def claim(self, conn, scope: Scope, claims: list, rows: bool = False) -> list[int] | list[repo.ClaimedRow]:
+        """Claim `claims` in `scope` (inside the caller's transaction); return the ids this call won,
+        or with `rows` the rows, for a delivery right after the commit without reading them back."""
         if not claims:
             return []
-        return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims))
-
-    def claim_rows(self, conn, scope: Scope, claims: list) -> list[repo.ClaimedRow]:
-        """`claim`, returning the rows won, for a delivery right after the commit without reading them back."""
-        if not claims:
-            return []
-        return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=True)
+        return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=rows)
 
     def deliveries(self, rows: Iterable[tuple[int | None, int, str]], settings) -> list[Enqueue]:
         """Delivery tasks for (run id, row id, source) triples, on the queue each source belongs to."""

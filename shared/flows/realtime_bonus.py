@@ -7,12 +7,11 @@
 """
 from __future__ import annotations
 
+from shared.dispatch import REALTIME_SOURCE
 from shared.flows.base import Flow, Outcome
 from shared.flows.grants import GRANTS
 from shared.flows.ledger import Scope
 from shared.schemas import parse_trigger
-
-SOURCE = "realtime"
 
 
 def customer_triggered(rt, conn, notification: dict) -> Outcome:
@@ -21,9 +20,9 @@ def customer_triggered(rt, conn, notification: dict) -> Outcome:
     if not trigger.promo_codes:
         return Outcome("ignored", f"EventTypeID 11 on bonus channel {trigger.channel_id} carries no promo code")
     policy = rt.settings.realtime_grant_policy
-    scope = Scope(trigger.campaign_id, trigger.channel_id, SOURCE, notification_id=notification["id"],
+    scope = Scope(trigger.campaign_id, trigger.channel_id, REALTIME_SOURCE, notification_id=notification["id"],
                   per_notification=policy == "once_per_notification")
-    rows = GRANTS.claim_rows(conn, scope, [(trigger.customer_id, code) for code in trigger.promo_codes])
+    rows = GRANTS.claim(conn, scope, [(trigger.customer_id, code) for code in trigger.promo_codes], rows=True)
     if not rows:
         return Outcome("done", f"customer {trigger.customer_id} already holds these codes of campaign "
                                f"{trigger.campaign_id} ({policy})")

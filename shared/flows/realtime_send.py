@@ -8,12 +8,11 @@
 """
 from __future__ import annotations
 
+from shared.dispatch import REALTIME_SOURCE
 from shared.flows.base import Flow, Outcome
 from shared.flows.ledger import Scope
 from shared.flows.sends import SENDS, SendClaim
 from shared.schemas import parse_trigger
-
-SOURCE = "realtime"
 
 
 def customer_triggered(rt, conn, notification: dict) -> Outcome:
@@ -23,10 +22,10 @@ def customer_triggered(rt, conn, notification: dict) -> Outcome:
         return Outcome("ignored", "EventTypeID 11 for a send has no ChannelID")
     if trigger.template_id is None:
         return Outcome("ignored", f"EventTypeID 11 on send channel {trigger.channel_id} has no TemplateID")
-    scope = Scope(trigger.campaign_id, trigger.channel_id, SOURCE, notification_id=notification["id"],
+    scope = Scope(trigger.campaign_id, trigger.channel_id, REALTIME_SOURCE, notification_id=notification["id"],
                   per_notification=True)
     claim = SendClaim(trigger.customer_id, trigger.template_id, trigger.attributes, trigger.promo_codes)
-    return Outcome("done", deliver_now=[(SENDS, SENDS.claim_rows(conn, scope, [claim]))])
+    return Outcome("done", deliver_now=[(SENDS, SENDS.claim(conn, scope, [claim], rows=True))])
 
 
 FLOW = Flow(name="realtime_send", title="flow 2, real-time execution", start=customer_triggered)

@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fake Optimove and fake peers in one simulator process (one GIL)")
     parser.add_argument("--campaign-nice", type=int, default=0,
                         help="nice value of the campaign worker (`relay up`: 0)")
-    parser.add_argument("--realtime-pool", choices=["prefork", "threads"], default=REALTIME_POOL[1],
+    parser.add_argument("--realtime-pool", choices=["prefork", "threads", "solo"], default=REALTIME_POOL[1],
                         help="--pool of the real-time worker (as `relay up`)")
     parser.add_argument("--page-size", type=int, default=10_000, help="OPTIMOVE_PAGE_SIZE")
     parser.add_argument("--batch-size", type=int, default=5000, help="BONUS_BATCH_SIZE")

@@ -93,9 +93,10 @@ def _celery():
 @main.command()
 @click.option("--queues", default=",".join(QUEUES), show_default=True,
               help="comma-separated queues to consume (default: every queue)")
-@click.option("--concurrency", default=2, show_default=True, help="processes (prefork) or threads")
-@click.option("--pool", type=click.Choice(["prefork", "threads"]), default="prefork", show_default=True,
-              help="prefork for the CPU-bound campaign queues; threads for the I/O-bound realtime queue")
+@click.option("--concurrency", default=2, show_default=True, help="processes (prefork) or threads (solo: 1)")
+@click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
+              help="prefork for the CPU-bound campaign queues; threads or solo (one task at a time in the "
+                   "worker's own thread) for the latency-bound realtime queue")
 def worker(queues: str, concurrency: int, pool: str) -> None:
     """Run a Celery worker on the given queues (each process or thread takes one message at a time)."""
     unknown = [q for q in queues.split(",") if q.strip() not in QUEUES]
@@ -109,6 +110,8 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
 
         pools.ALIASES["custom"] = "workers.pool:WakingThreadPool"  # Celery's hook for an own pool
         pool = "custom"
+    if pool == "solo":
+        concurrency = 1
     app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "-n", f"relay-{os.getpid()}@%h",
                      "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle"])
 
@@ -170,19 +173,21 @@ def campaigns_show(campaign_id: int, as_json: bool) -> None:
         click.echo(json.dumps(status, indent=2))
         return
     click.echo(f"campaign {campaign_id}: {status['status']}")
-    header = f"{'run':>6} {'channel':>8} {'status':<9} {'cursor':>8} {'fetched':>8} {'claimed':>8} " \
-             f"{'dup':>8} {'granted':>8} {'sent':>8} {'rejected':>8} {'failed':>7} {'secs':>7}"
+    header = f"{'run':>6} {'flow':<16} {'channel':>8} {'status':<9} {'cursor':>8} {'fetched':>8} {'claimed':>8} " \
+             f"{'dup':>8} {'granted':>8} {'sent':>8} {'waiting':>8} {'rejected':>8} {'failed':>7} {'secs':>7}"
     click.echo(header)
     for r in status["runs"]:
-        click.echo(f"{r['run_id']:>6} {str(r['channel_id']):>8} {r['status']:<9} {r['cursor']:>8} "
+        click.echo(f"{r['run_id']:>6} {r['flow']:<16} {str(r['channel_id']):>8} {r['status']:<9} {r['cursor']:>8} "
                    f"{r['fetched']:>8} {r['claimed']:>8} {r['duplicates_skipped']:>8} {r['granted']:>8} {r['sent']:>8} "
-                   f"{r['rejected']:>8} {r['failed']:>7} {r['seconds']:>7.1f}")
+                   f"{r['waiting']:>8} {r['rejected']:>8} {r['failed']:>7} {r['seconds']:>7.1f}")
         if r["last_error"]:
             click.echo(f"{'':>6} last error: {r['last_error']}")
+        if r["metrics_error"]:
+            click.echo(f"{'':>6} metrics report failed: {r['metrics_error']}")
     t = status["totals"]
-    click.echo(f"totals: fetched {t['fetched']}, claimed {t['claimed']}, skipped as already granted "
-               f"{t['duplicates_skipped']}, granted {t['granted']}, sent {t['sent']}, rejected {t['rejected']}, "
-               f"failed {t['failed']}")
+    click.echo(f"totals: fetched {t['fetched']}, claimed {t['claimed']}, skipped as already in the ledger "
+               f"{t['duplicates_skipped']}, granted {t['granted']}, sent {t['sent']}, waiting for their time "
+               f"{t['waiting']}, rejected {t['rejected']}, failed {t['failed']}")
     for name, counts in status["ledgers"].items():
         if counts:
             click.echo(f"{name} ledger: " + ", ".join(f"{s} {n}" for s, n in sorted(counts.items())))

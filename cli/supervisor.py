@@ -22,12 +22,13 @@ from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_po
 from shared.dispatch import CAMPAIGN_QUEUES, REALTIME
 from shared.settings import Settings
 
-# Real-time tasks mostly wait (Postgres commits, the peer's answer): threads give capacity without
-# CPU. Two processes of 4 threads rather than one of 8: each worker's event-loop thread fetches and
-# acknowledges every message, and under a campaign one loop fighting 8 threads for the GIL let
-# messages wait in Redis (bench/realtime.py: p99 224 ms against 255 ms to 1 s).
-REALTIME_POOL = ["--pool", "threads", "--concurrency", "4"]
-REALTIME_PROCESSES = 2
+# Real-time tasks are short. Four solo workers (each runs its task in its own main thread, then
+# fetches the next message) rather than threads: with a thread pool a worker's event-loop thread
+# fetches and acknowledges every message, and under a campaign it fought the task threads for the
+# GIL while messages waited in Redis (bench/realtime.py, p99 under a campaign: 2 x 4 threads
+# 189 ms to 1.1 s; 4 x solo 111-327 ms, three runs of four under 120 ms).
+REALTIME_POOL = ["--pool", "solo", "--concurrency", "1"]
+REALTIME_PROCESSES = 4
 
 COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
 
@@ -35,7 +36,7 @@ COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "s
 # driver's bonus channels, and a bonus and a send channel for real-time triggers.
 DEMO_CHANNELS = {"default_role": "bonus", "channels": {
     "504": {"role": "bonus"}, "505": {"role": "bonus"}, "506": {"role": "bonus"},
-    "600": {"role": "bonus", "events": [11]}, "610": {"role": "send", "events": [13, 11]}}}
+    "600": {"role": "bonus", "events": [11]}, "610": {"role": "send", "events": [13, 11], "attributes": ["Email", "Country"]}}}
 
 
 def say(name: str, line: str) -> None:

@@ -42,6 +42,9 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "sweep": {"task": dispatch.SWEEP, "schedule": settings.sweep_interval_seconds,
                       "options": {"queue": dispatch.sweep().queue, "expires": settings.sweep_interval_seconds}},
+            "release-due": {"task": dispatch.RELEASE_DUE, "schedule": settings.release_interval_seconds,
+                            "options": {"queue": dispatch.release_due().queue,
+                                        "expires": settings.release_interval_seconds}},
         },
         "timezone": "UTC",
     }

@@ -23,7 +23,9 @@ FETCH_PAGE = "relay.fetch_page"
 GRANT_BATCH = "relay.grant_batch"
 SEND_BATCH = "relay.send_batch"
 SWEEP = "relay.sweep"
-TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP)
+RELEASE_DUE = "relay.release_due"
+REPORT_METRICS = "relay.report_metrics"
+TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP, RELEASE_DUE, REPORT_METRICS)
 
 REALTIME_EVENT_TYPES = (11,)
 REALTIME_SOURCE = "realtime"  # the `source` of real-time ledger rows: their deliveries stay on REALTIME
@@ -62,6 +64,16 @@ def fetch_page(run_id: int, countdown: float | None = None) -> Enqueue:
 def sweep() -> Enqueue:
     """The sweeper (beat schedules it; `relay sweep` runs it once)."""
     return Enqueue(SWEEP, (), NOTIFICATIONS)
+
+
+def release_due() -> Enqueue:
+    """The job that releases timed sends when they are due (beat schedules it every `RELAY_RELEASE_INTERVAL`)."""
+    return Enqueue(RELEASE_DUE, (), NOTIFICATIONS)
+
+
+def report_metrics(run_id: int, attempt: int = 1, countdown: float | None = None) -> Enqueue:
+    """The task that reports a finished send run's metrics to Optimove."""
+    return Enqueue(REPORT_METRICS, (run_id, attempt), NOTIFICATIONS, countdown)
 
 
 def deliveries(task: str, rows: Iterable[tuple[int | None, int, str]], size: int) -> list[Enqueue]:

@@ -94,7 +94,7 @@ def count_notifications(conn: Connection) -> int:
 
 RUN_COLUMNS = ("id, notification_id, flow, campaign_id, channel_id, status, cursor, fetch_done, pages_fetched, "
                "fetched, claimed, duplicates_skipped, granted, sent, rejected, failed, attempts, last_error, "
-               "created_at, updated_at, finished_at")
+               "created_at, updated_at, finished_at, metrics_reported_at, metrics_error")
 
 
 def create_run(conn: Connection, notification_id: int, flow: str, campaign_id: int,
@@ -144,14 +144,16 @@ def fail_run(conn: Connection, run_id: int, reason: str) -> None:
         WHERE id = :id AND status = 'running'"""), {"id": run_id, "r": reason[:2000]})
 
 
-def finish_run_if_complete(conn: Connection, run_id: int) -> bool:
-    """Mark a run `done` once all pages are fetched and no row of it, in any ledger, is still claimed."""
-    in_flight = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = 'claimed')"
-                             for t in LEDGER_TABLES)
-    return conn.execute(sa.text(f"""
+def finish_run_if_complete(conn: Connection, run_id: int) -> dict[str, Any] | None:
+    """Mark a run `done` once all pages are fetched and no row of it, in any ledger, is still in flight
+    (claimed, or waiting for its due time); return the finished run's id, flow and sent count, else None."""
+    in_flight = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = '{s}')"
+                             for t in LEDGER_TABLES for s in t.in_flight)
+    row = conn.execute(sa.text(f"""
         UPDATE campaign_runs SET status = 'done', finished_at = now(), updated_at = now()
         WHERE id = :id AND status = 'running' AND fetch_done AND {in_flight}
-        RETURNING id"""), {"id": run_id}).first() is not None
+        RETURNING id, flow, sent"""), {"id": run_id}).first()
+    return dict(row._mapping) if row else None
 
 
 def runs_for_campaign(conn: Connection, campaign_id: int) -> list[dict[str, Any]]:
@@ -174,20 +176,37 @@ def claim_stale_runs(conn: Connection, older_than_s: float, limit: int = 500) ->
 
 @dataclass(frozen=True)
 class LedgerTable:
-    """A ledger table: rows move `claimed -> <done> | rejected | failed`; `done` is also the run's count column."""
+    """A ledger table: rows move `claimed -> <done> | rejected | failed`; `done` is also the run's count column.
+
+    A table with a `due_column` holds rows whose time is still ahead as `waiting` (decided by
+    Postgres' clock when they are claimed) until `release_due` makes them `claimed`.
+    """
 
     name: str
     done: str
     unique: str
     columns: tuple[str, ...]
+    due_column: str | None = None
+
+    @property
+    def in_flight(self) -> tuple[str, ...]:
+        """Statuses of rows not settled yet."""
+        return ("claimed", "waiting") if self.due_column else ("claimed",)
 
 
 GRANTS = LedgerTable("grants", "granted", "grants_once_per_scope",
                      ("campaign_id", "channel_id", "customer_id", "promo_code", "notification_id", "scope"))
 SENDS = LedgerTable("sends", "sent", "sends_once_per_scope",
                     ("campaign_id", "channel_id", "customer_id", "template_id", "attributes", "promo_codes",
-                     "scheduled_time", "notification_id", "scope"))
+                     "scheduled_time", "notification_id", "scope"), due_column="scheduled_time")
 LEDGER_TABLES = (GRANTS, SENDS)
+
+
+class Claimed(list):
+    """What a claim won and may deliver now (ids or rows); `waiting` counts the rows it won that wait
+    for their due time."""
+
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,22 +222,29 @@ class ClaimedRow:
 
 
 def claim(conn: Connection, table: LedgerTable, fixed: dict[str, Any],
-          varying: dict[str, tuple[str, Sequence[Any]]], rows: bool = False) -> list[int] | list[ClaimedRow]:
-    """Insert ledger rows in one statement; return the ids this call claimed (with `rows`, the rows).
+          varying: dict[str, tuple[str, Sequence[Any]]], rows: bool = False) -> Claimed:
+    """Insert ledger rows in one statement; return the ids this call claimed that are due now (with
+    `rows`, the rows), and in `.waiting` how many it claimed for later.
 
     `fixed` holds the values shared by every row, `varying` a (Postgres type, values) column per
     field, all of the same length. Rows already in the ledger (another channel, a duplicate
     notification) are skipped by the unique constraint, not by a check, so concurrent claimers
     never both win. Callers sort the rows by the unique key, so concurrent claimers of
-    overlapping pages take their row locks in the same order and cannot deadlock.
+    overlapping pages take their row locks in the same order and cannot deadlock. Rows of a table
+    with a due column whose time is ahead of Postgres' clock are stored `waiting`.
     """
     if not varying or not next(iter(varying.values()))[1]:
-        return []
+        return Claimed()
     names = list(fixed) + list(varying)
     returning = _claimed_columns(table) if rows else "id"
     # Arrays through unnest instead of a VALUES list: Postgres parses and plans one small
     # statement instead of 15,000 row literals (about 2.5x the rows/s for an Optimove page).
     select = ", ".join(["%s"] * len(fixed) + [f"u.{name}" for name in varying])
+    timed = table.due_column in varying
+    if timed:
+        names.append("status")
+        select += f", CASE WHEN u.{table.due_column} > now() THEN 'waiting' ELSE 'claimed' END"
+        returning += ", status"
     arrays = ", ".join(f"%s::{pg_type}[]" for pg_type, _ in varying.values())
     cur = _raw(conn)
     cur.execute(f"""
@@ -226,9 +252,39 @@ def claim(conn: Connection, table: LedgerTable, fixed: dict[str, Any],
         SELECT {select} FROM unnest({arrays}) AS u({", ".join(varying)})
         ON CONFLICT ON CONSTRAINT {table.unique} DO NOTHING RETURNING {returning}""",
                 (*fixed.values(), *(list(values) for _, values in varying.values())))
+    found = cur.fetchall()
+    out = Claimed()
+    if timed:
+        out.waiting = sum(1 for r in found if r[-1] == "waiting")
+        found = [r[:-1] for r in found if r[-1] != "waiting"]
     if rows:
-        return [_claimed_row(table, row) for row in cur.fetchall()]
-    return [r[0] for r in cur.fetchall()]
+        out.extend(_claimed_row(table, row) for row in found)
+    else:
+        out.extend(r[0] for r in found)
+    return out
+
+
+def release_due(conn: Connection, table: LedgerTable, limit: int = 20_000) -> list[tuple[int | None, int, str]]:
+    """Make `waiting` rows whose time has come (Postgres' clock) `claimed`; return their (run_id, id, source).
+
+    Each row is released once: concurrent callers skip the rows another one locked.
+    """
+    if table.due_column is None:
+        return []
+    return [tuple(r) for r in conn.execute(sa.text(f"""
+        UPDATE {table.name} SET status = 'claimed', updated_at = now()
+        WHERE id IN (SELECT id FROM {table.name}
+                     WHERE status = 'waiting' AND {table.due_column} <= now()
+                     ORDER BY {table.due_column} LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING run_id, id, source"""), {"limit": limit})]
+
+
+def next_due(conn: Connection, table: LedgerTable) -> Any:
+    """The earliest due time among `waiting` rows, or None."""
+    if table.due_column is None:
+        return None
+    return conn.execute(sa.text(
+        f"SELECT min({table.due_column}) FROM {table.name} WHERE status = 'waiting'")).scalar_one()
 
 
 def _claimed_columns(table: LedgerTable) -> str:
@@ -332,6 +388,39 @@ def redrive_failed_runs(conn: Connection, campaign_id: int) -> list[dict[str, An
     return _rows(conn.execute(sa.text("""
         UPDATE campaign_runs SET status = 'running', attempts = 0, finished_at = NULL, updated_at = now()
         WHERE campaign_id = :c AND status = 'failed' RETURNING id, fetch_done"""), {"c": campaign_id}))
+
+
+def waiting_per_run(conn: Connection, campaign_id: int) -> dict[int, int]:
+    """Rows waiting for their due time, per run of a campaign."""
+    return {r: n for r, n in conn.execute(sa.text(
+        "SELECT run_id, count(*) FROM sends WHERE campaign_id = :c AND status = 'waiting' AND run_id IS NOT NULL "
+        "GROUP BY run_id"), {"c": campaign_id})}
+
+
+# -- metrics reports -----------------------------------------------------------------------
+
+def sent_per_template(conn: Connection, run_id: int) -> list[tuple[int, int]]:
+    """(template id, sends made) of a run."""
+    return [tuple(r) for r in conn.execute(sa.text(
+        "SELECT template_id, count(*) FROM sends WHERE run_id = :id AND status = 'sent' GROUP BY 1 ORDER BY 1"),
+        {"id": run_id})]
+
+
+def mark_metrics(conn: Connection, run_id: int, error: str | None = None) -> bool:
+    """Record that a run's metrics were reported (or could not be: `error`); False if already recorded."""
+    return conn.execute(sa.text("""
+        UPDATE campaign_runs SET metrics_reported_at = CASE WHEN :e IS NULL THEN now() END, metrics_error = :e
+        WHERE id = :id AND metrics_reported_at IS NULL AND metrics_error IS NULL RETURNING id"""),
+        {"id": run_id, "e": error[:2000] if error else None}).first() is not None
+
+
+def runs_with_metrics_due(conn: Connection, older_than_s: float, limit: int = 100) -> list[int]:
+    """Finished runs that sent something and whose metrics report is still missing after `older_than_s`."""
+    return [r[0] for r in conn.execute(sa.text("""
+        SELECT id FROM campaign_runs
+        WHERE status = 'done' AND sent > 0 AND metrics_reported_at IS NULL AND metrics_error IS NULL
+          AND finished_at < now() - make_interval(secs => :age)
+        ORDER BY id LIMIT :limit"""), {"age": older_than_s, "limit": limit})]
 
 
 def ledger_counts(conn: Connection, table: LedgerTable, campaign_id: int) -> dict[str, int]:

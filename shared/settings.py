@@ -64,10 +64,18 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    """Per-channel roles: which channels grant bonuses and which send through a platform."""
+    """Per-channel roles (which channels grant bonuses and which send through a platform), the customer
+    attributes a send channel asks Optimove for, and the event types each channel listens to."""
 
     roles: dict[int, str] = field(default_factory=dict)
     default_role: str = "bonus"
+    attributes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    events: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    conditional: bool = False
+
+    def attribute_names(self, channel_id: int | None) -> tuple[str, ...]:
+        """The customer attributes to request for `channel_id` (none when not configured)."""
+        return self.attributes.get(int(channel_id), ()) if channel_id is not None else ()
 
     def role(self, channel_id: int | None) -> str:
         """The role of `channel_id` (`bonus` or `send`), the default one when not listed."""
@@ -100,14 +108,16 @@ def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _float(lo: float) -> Callable[[str], float]:
+def _float(lo: float, hi: float | None = None) -> Callable[[str], float]:
+    expected = f"a number >= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+
     def parse(raw: str) -> float:
         try:
             value = float(raw.strip())
         except ValueError:
-            raise ValueError(f"a number >= {lo:g}") from None
-        if value < lo:
-            raise ValueError(f"a number >= {lo:g}")
+            raise ValueError(expected) from None
+        if value < lo or (hi is not None and value > hi) or value != value:
+            raise ValueError(expected)
         return value
     return parse
 
@@ -171,14 +181,64 @@ def load_channel_config(path: str) -> ChannelConfig:
         raise ValueError("a JSON object with 'channels'")
     default = data.get("default_role", "bonus")
     roles: dict[int, str] = {}
+    attributes: dict[int, tuple[str, ...]] = {}
+    events: dict[int, tuple[int, ...]] = {}
     for key, entry in (data.get("channels") or {}).items():
         role = entry.get("role") if isinstance(entry, dict) else entry
         if role not in ROLES or not str(key).strip().isdigit():
             raise ValueError(f"channel {key!r}: a numeric channel id with role one of {', '.join(ROLES)}")
         roles[int(key)] = role
+        if isinstance(entry, dict) and entry.get("attributes") is not None:
+            attributes[int(key)] = _attribute_names(key, entry["attributes"])
+        if isinstance(entry, dict) and entry.get("events") is not None:
+            events[int(key)] = _event_types(key, entry["events"])
     if default not in ROLES:
         raise ValueError(f"default_role one of {', '.join(ROLES)}")
-    return ChannelConfig(roles=roles, default_role=default)
+    conditional = data.get("conditional", False)
+    if not isinstance(conditional, bool):
+        raise ValueError("'conditional' true or false")
+    return ChannelConfig(roles=roles, default_role=default, attributes=attributes, events=events,
+                         conditional=conditional)
+
+
+def _attribute_names(key: str, value: Any) -> tuple[str, ...]:
+    names = value if isinstance(value, list) else None
+    if names is None or not all(isinstance(n, str) and n.strip() and ";" not in n for n in names) \
+            or len({n.strip() for n in names}) != len(names):
+        raise ValueError(f"channel {key!r}: 'attributes' a list of distinct, non-empty attribute names "
+                         f"without ';' (got {value!r})")
+    return tuple(n.strip() for n in names)
+
+
+CHANNEL_EVENT_TYPES = (11, 13)
+
+
+def _event_types(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(e, int) and not isinstance(e, bool) and e in CHANNEL_EVENT_TYPES for e in value):
+        raise ValueError(f"channel {key!r}: 'events' a non-empty list of "
+                         f"{' and '.join(map(str, CHANNEL_EVENT_TYPES))} (got {value!r})")
+    return tuple(dict.fromkeys(value))
+
+
+def _timezone(raw: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = raw.strip()
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"an IANA time zone such as UTC or Europe/London (got {name!r})") from None
+    return name
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"true or false (got {raw!r})")
 
 
 def _opt(env: str, parse: Callable[[str], Any] | None = None, default: Any = None, doc: str = "") -> Any:
@@ -215,6 +275,15 @@ class Settings:
     optimove_page_size: int = _opt("OPTIMOVE_PAGE_SIZE", _int(1, 1_000_000), 10_000)
     optimove_timeout: float = _opt("OPTIMOVE_TIMEOUT", _float(0.1), 30.0, "seconds per Optimove call")
     optimove_max_attempts: int = _opt("OPTIMOVE_MAX_ATTEMPTS", _int(1, 100), 8)
+    optimove_timezone: str = _opt("OPTIMOVE_TIMEZONE", _timezone, "UTC",
+                                  "time zone of Optimove's ScheduledTime and ClearanceRequiredBy values")
+    optimove_report_metrics: bool = _opt("OPTIMOVE_REPORT_METRICS", _flag, False,
+                                         "report sends per template to Optimove (UpdateCampaignMetrics) when a "
+                                         "send run completes")
+    optimove_sent_metric_id: int = _opt("OPTIMOVE_SENT_METRIC_ID", _int(0, 10_000), 0,
+                                        "MetricID of the 'sent' count in UpdateCampaignMetrics")
+    release_interval_seconds: float = _opt("RELAY_RELEASE_INTERVAL", _float(0.2, 5), 2.0,
+                                           "how often beat releases timed sends that are due (at most 5)")
     bonus_adapter: str = _opt("BONUS_ADAPTER", None, "http", "bonus adapter name (entry point)")
     bonus_url: str | None = _opt("BONUS_URL", _url(("http", "https")), doc="bonus system endpoint")
     bonus_mode: str = _opt("BONUS_MODE", _choice("batch", "single"), "batch")

@@ -6,7 +6,7 @@ from celery import Celery, shared_task
 from shared import dispatch
 from shared.broker import publish
 from shared.db import once_more_if_stale
-from shared.flows import inbox, paging, sweeper
+from shared.flows import inbox, paging, runs, sweeper
 from shared.flows.grants import GRANTS
 from shared.flows.routing import FLOWS
 from shared.flows.sends import SENDS
@@ -47,6 +47,18 @@ def send_batch_task(self, run_id: int | None, send_ids: list[int]) -> None:
 def sweep_task(self) -> None:
     """Re-enqueue unfinished work whose task was lost."""
     _run(self, sweeper.sweep)
+
+
+@shared_task(name=dispatch.RELEASE_DUE, bind=True)
+def release_due_task(self) -> None:
+    """Release timed sends whose time has come."""
+    _run(self, sweeper.release_due)
+
+
+@shared_task(name=dispatch.REPORT_METRICS, bind=True)
+def report_metrics_task(self, run_id: int, attempt: int = 1) -> None:
+    """Report a finished send run's sends per template to Optimove."""
+    _run(self, runs.report_metrics, run_id, attempt, run_id=run_id)
 
 
 def register(app: Celery) -> None:

@@ -25,16 +25,17 @@ class Outcome:
 class Pages:
     """How a paged flow pages: which Optimove function with which parameters, and what a page claims.
 
-    `claims(rows)` turns a page of API rows into the ledger's claim list (see `Ledger.claim`);
+    `params(run, settings)` are the call's query parameters besides paging; `claims(rows, run,
+    settings)` turns a page of API rows into the ledger's claim list (see `Ledger.claim`);
     `source` is the value recorded on each claimed row and sent to the peer.
     """
 
     category: str
     function: str
-    params: Callable[[dict], dict]
+    params: Callable[[dict, Any], dict]
     ledger: "Ledger"
     source: str
-    claims: Callable[[list[Any]], list]
+    claims: Callable[[list[Any], dict, Any], list]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from shared import dispatch, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
+from shared.flows import runs
 from shared.optimove.client import backoff
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,12 @@ class Ledger:
         """Attempts per row before it is parked as `failed` (`<PREFIX>_MAX_ATTEMPTS`)."""
         return getattr(settings, f"{self.settings_prefix}_max_attempts")
 
-    def claim(self, conn, scope: Scope, claims: list, rows: bool = False) -> list[int] | list[repo.ClaimedRow]:
-        """Claim `claims` in `scope` (inside the caller's transaction); return the ids this call won,
-        or with `rows` the rows, for a delivery right after the commit without reading them back."""
+    def claim(self, conn, scope: Scope, claims: list, rows: bool = False) -> repo.Claimed:
+        """Claim `claims` in `scope` (inside the caller's transaction); return the ids this call won that are
+        due now, or with `rows` the rows, for a delivery right after the commit without reading them back.
+        `.waiting` of the result counts the rows won that wait for their due time (`release_due`)."""
         if not claims:
-            return []
+            return repo.Claimed()
         return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=rows)
 
     def deliveries(self, rows: Iterable[tuple[int | None, int, str]], settings) -> list[Enqueue]:
@@ -105,9 +107,7 @@ class Ledger:
         with unit_of_work(rt.engine) as conn:
             claimed = repo.claimed_rows(conn, self.table, ids)
             if not claimed:
-                if run_id is not None:
-                    repo.finish_run_if_complete(conn, run_id)
-                return []
+                return runs.finish(rt, conn, run_id) if run_id is not None else []
         return self.deliver_claimed(rt, run_id, claimed)
 
     def deliver_claimed(self, rt, run_id: int | None, claimed: list[repo.ClaimedRow]) -> list[Enqueue]:
@@ -133,12 +133,11 @@ class Ledger:
         with unit_of_work(rt.engine) as conn:
             settled = repo.settle(conn, self.table, run_id, done=done, rejected=rejected, retry=retry,
                                   max_attempts=self.max_attempts(rt.settings))
-            if run_id is not None and not settled.retry_ids:
-                repo.finish_run_if_complete(conn, run_id)
+            finished = runs.finish(rt, conn, run_id) if run_id is not None and not settled.retry_ids else []
         log.info("%ss of run %s: %d %s, %d rejected, %d failed, %d to retry", self.noun, run_id, settled.done,
                  self.table.done, settled.rejected, settled.failed, len(settled.retry_ids))
         if not settled.retry_ids:
-            return []
+            return finished
         # equal jitter: the default 8 attempts span at least 60 s, so a peer down for a minute loses nothing
         wait = backoff(1 + max(row.attempts for row in claimed), cap=30, floor=0.5)
         source = {row.id: row.source for row in claimed}
@@ -148,6 +147,14 @@ class Ledger:
     def stale(self, rt, conn) -> list[Enqueue]:
         """Deliveries for claimed rows nobody touched for `RELAY_SWEEP_AFTER` (their task was lost)."""
         return self.deliveries(repo.claim_stale(conn, self.table, rt.settings.sweep_after_seconds), rt.settings)
+
+    def release_due(self, rt) -> list[Enqueue]:
+        """Deliveries for this ledger's waiting rows whose due time has come."""
+        with unit_of_work(rt.engine) as conn:
+            rows = repo.release_due(conn, self.table)
+        if rows:
+            log.info("%d %s(s) due: released", len(rows), self.noun)
+        return self.deliveries(rows, rt.settings)
 
     def redrive(self, rt, conn, campaign_id: int) -> tuple[int, list[Enqueue]]:
         """Put a campaign's failed rows back to `claimed`; return (how many, their deliveries)."""

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from shared import dispatch, repository as repo
 from shared.db import DatabaseUnavailable, unit_of_work
 from shared.dispatch import Enqueue
+from shared.flows import runs
 from shared.flows.base import Flow, Outcome, Pages
 from shared.flows.ledger import Scope
 from shared.logs import log_context
@@ -41,13 +42,13 @@ def fetch_next_page(rt, run_id: int, flows: Mapping[str, Flow]) -> list[Enqueue]
         if run is None or run["status"] != "running":
             return []
         if run["fetch_done"]:
-            repo.finish_run_if_complete(conn, run_id)
-            return []
+            return runs.finish(rt, conn, run_id)
     pages = flows[run["flow"]].pages
     skip, top = run["cursor"], rt.settings.optimove_page_size
     with log_context(run_id=run_id, campaign_id=run["campaign_id"]):
         try:
-            rows = rt.optimove.fetch_page(pages.category, pages.function, pages.params(run), skip=skip, top=top)
+            rows = rt.optimove.fetch_page(pages.category, pages.function, pages.params(run, rt.settings),
+                                         skip=skip, top=top)
         except RateLimited as exc:
             with unit_of_work(rt.engine) as conn:
                 repo.touch_run(conn, run_id)
@@ -87,7 +88,7 @@ def _page_failed(rt, run_id: int, exc: TemporaryError) -> list[Enqueue]:
 
 def claim_page(rt, run: dict, pages: Pages, skip: int, top: int, rows: list[Any]) -> list[Enqueue]:
     """Claim a fetched page and advance the cursor, unless another task already took the page."""
-    claims = pages.claims(rows)
+    claims = pages.claims(rows, run, rt.settings)
     fetch_done = len(rows) < top
     scope = Scope(run["campaign_id"], run["channel_id"], pages.source, run_id=run["id"])
     with unit_of_work(rt.engine) as conn:
@@ -95,14 +96,14 @@ def claim_page(rt, run: dict, pages: Pages, skip: int, top: int, rows: list[Any]
         if locked["status"] != "running" or locked["cursor"] != skip:
             log.info("page at %d of run %s already taken by another task", skip, run["id"])
             return []
-        ids = pages.ledger.claim(conn, scope, claims)
-        repo.advance_run(conn, run["id"], rows=len(rows), claimed=len(ids), duplicates=len(claims) - len(ids),
+        ids = pages.ledger.claim(conn, scope, claims)  # due now; ids.waiting more wait for their time
+        won = len(ids) + ids.waiting
+        repo.advance_run(conn, run["id"], rows=len(rows), claimed=won, duplicates=len(claims) - won,
                          fetch_done=fetch_done)
-        if fetch_done and not ids:
-            repo.finish_run_if_complete(conn, run["id"])
-    log.info("run %s page at %d: %d rows, %d claimed, %d already in the ledger", run["id"], skip, len(rows),
-             len(ids), len(claims) - len(ids))
-    out = pages.ledger.deliveries(((run["id"], i, pages.source) for i in ids), rt.settings)
+        out = runs.finish(rt, conn, run["id"]) if fetch_done and not won else []
+    log.info("run %s page at %d: %d rows, %d claimed (%d waiting for their time), %d already in the ledger",
+             run["id"], skip, len(rows), won, ids.waiting, len(claims) - won)
+    out += pages.ledger.deliveries(((run["id"], i, pages.source) for i in ids), rt.settings)
     if not fetch_done:
         out.append(dispatch.fetch_page(run["id"]))
     return out

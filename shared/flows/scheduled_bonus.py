@@ -14,10 +14,10 @@ from shared.flows.base import Flow, Outcome, Pages
 PAGES = Pages(
     category="customers",
     function="GetCustomerExecutionDetailsByCampaign",
-    params=lambda run: {"CampaignID": run["campaign_id"], "ChannelID": run["channel_id"]},
+    params=lambda run, settings: {"CampaignID": run["campaign_id"], "ChannelID": run["channel_id"]},
     ledger=grants.GRANTS,
     source="scheduled_bonus",
-    claims=grants.codes_per_customer,
+    claims=lambda rows, run, settings: grants.codes_per_customer(rows),
 )
 
 

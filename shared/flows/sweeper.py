@@ -11,6 +11,7 @@ import logging
 from shared import dispatch, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
+from shared.flows import runs
 from shared.flows.grants import GRANTS
 from shared.flows.sends import SENDS
 
@@ -30,11 +31,21 @@ def sweep(rt) -> list[Enqueue]:
             if not run["fetch_done"]:
                 out.append(dispatch.fetch_page(run["id"]))
             else:
-                repo.finish_run_if_complete(conn, run["id"])
+                out += runs.finish(rt, conn, run["id"])
         for ledger in LEDGERS:
             out += ledger.stale(rt, conn)
+        if rt.settings.optimove_report_metrics:  # a report task lost with a worker or with Redis
+            out += [dispatch.report_metrics(i) for i in repo.runs_with_metrics_due(conn, 5 * age)]
     if out:
         log.warning("sweeper re-drives %d task(s)", len(out))
+    return out
+
+
+def release_due(rt) -> list[Enqueue]:
+    """Deliveries for ledger rows whose due time has come (each row released once, by Postgres' clock)."""
+    out: list[Enqueue] = []
+    for ledger in LEDGERS:
+        out += ledger.release_due(rt)
     return out
 
 

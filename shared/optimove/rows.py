@@ -7,7 +7,9 @@ Optimove's casing and shapes vary (`CustomerID`/`customerId`, `ScheduleTime`/`Sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
+from zoneinfo import ZoneInfo
 
 
 @dataclass
@@ -118,3 +120,52 @@ def customer_codes(row: Any) -> tuple[str, list[str]] | None:
             return raw, parse_promo_codes(codes)
     parsed = parse_execution_row(row)
     return (parsed.customer_id, parsed.promo_codes) if parsed else None
+
+
+def parse_scheduled_time(value: str | None, timezone: str = "UTC") -> datetime | None:
+    """An aware datetime from Optimove's `YYYY-MM-DD HH:MM[:SS]` in `timezone` (values carrying an offset
+    or `Z` keep theirs); None for an empty value. Raises ValueError for anything else."""
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+        for pattern in ("%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M"):
+            try:
+                when = datetime.strptime(text, pattern)
+                break
+            except ValueError:
+                continue
+        if when is None:
+            raise ValueError(f"not a date-time: {value!r} (expected 'YYYY-MM-DD HH:MM[:SS]')") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=_zone(timezone))
+
+
+_ZONES: dict[str, ZoneInfo] = {}
+
+
+def _zone(name: str) -> ZoneInfo:
+    zone = _ZONES.get(name)
+    if zone is None:
+        zone = _ZONES[name] = ZoneInfo(name)
+    return zone
+
+
+def attribute_values(values: list | None, names: tuple[str, ...]) -> dict[str, Any]:
+    """The attributes of a row as an object keyed by the configured `names`.
+
+    The list form maps by position. A single joined string that `_attributes` split on `;` but
+    that holds `,`-joined values instead (a delimiter Optimove chose) is split again on `,`.
+    Missing values are null; values beyond the names are dropped.
+    """
+    if not names:
+        return {}
+    values = list(values or [])
+    if len(values) == 1 and len(names) > 1 and isinstance(values[0], str) and "," in values[0]:
+        values = values[0].split(",")
+    values += [None] * (len(names) - len(values))
+    return {name: (v.strip() if isinstance(v, str) else v) for name, v in zip(names, values)}

@@ -39,7 +39,7 @@ def test_campaigns_show_table_and_json(campaign, database_url, monkeypatch):
     result = CliRunner().invoke(main, ["campaigns", "show", str(campaign)])
     assert result.exit_code == 0, result.output
     assert "campaign 77: done" in result.output
-    assert "totals: fetched 4, claimed 3, skipped as already granted 1, granted 3" in result.output
+    assert "totals: fetched 4, claimed 3, skipped as already in the ledger 1, granted 3" in result.output
     data = json.loads(CliRunner().invoke(main, ["campaigns", "show", str(campaign), "--json"]).output)
     assert [r["channel_id"] for r in data["runs"]] == [504, 505]
     assert data["totals"]["duplicates_skipped"] == 1 and data["ledger"] == {"granted": 3}

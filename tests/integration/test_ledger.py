@@ -121,7 +121,7 @@ def test_page_taken_by_another_task_is_dropped(rt, db):
     with unit_of_work(rt.engine) as conn:
         run = repo.get_run(conn, run_id)
     pages = FLOWS[run["flow"]].pages
-    rows = rt.optimove.fetch_page(pages.category, pages.function, pages.params(run), skip=0, top=4)
+    rows = rt.optimove.fetch_page(pages.category, pages.function, pages.params(run, rt.settings), skip=0, top=4)
     page(rt, run_id)  # another task wins the page at cursor 0
     assert paging.claim_page(rt, run, pages, 0, 4, rows) == []
     assert count(db, "SELECT count(*) FROM grants") == 4
@@ -251,21 +251,15 @@ def test_poison_notification_parked_after_max_attempts(rt, db):
         assert cur.fetchone() == ("failed", f"gave up after {rt.settings.max_attempts} attempts")
 
 
-def test_send_channel_and_unbuilt_event_types_ignored_with_reason(database_url, redis_url, db, tmp_path):
-    path = tmp_path / "channels.json"
-    path.write_text('{"channels": {"510": {"role": "send"}}}')
-    rt = Runtime(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url, RELAY_CHANNEL_CONFIG=str(path)))
-    nid = notify(rt, 19, 510)
-    assert inbox.process_notification(rt, nid) == []
+def test_unbuilt_event_types_ignored_with_reason(database_url, redis_url, db, tmp_path):
+    rt = Runtime(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url))
     n = parse_notification({"EventTypeID": 5, "CampaignID": 1, "ClearanceRequiredBy": "2026-11-27 10:00"})
     with unit_of_work(rt.engine) as conn:
         nid5 = repo.insert_notification(conn, n, "{}")[0]
     inbox.process_notification(rt, nid5)
     with db.cursor() as cur:
         cur.execute("SELECT id, status, last_error FROM notifications ORDER BY id")
-        assert cur.fetchall() == [
-            (nid, "ignored", "EventTypeID 13 on a send channel: flow 1 (pre-scheduled channel execution) is not built yet"),
-            (nid5, "ignored", "EventTypeID 5: flow 4 (conditional execution) is not built yet")]
+        assert cur.fetchall() == [(nid5, "ignored", "EventTypeID 5: flow 4 (conditional execution) is not built yet")]
     rt.engine.dispose()
 
 

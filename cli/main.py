@@ -211,5 +211,9 @@ from cli.simulate import simulate  # noqa: E402
 
 main.add_command(simulate)
 
+from cli.optimove_setup import templates  # noqa: E402
+
+main.add_command(templates)
+
 if __name__ == "__main__":
     main()

@@ -27,50 +27,117 @@ def simulate() -> None:
 @simulate.command("campaign")
 @click.option("--data-dir", default=".relay", show_default=True, type=click.Path(path_type=Path),
               help="data folder of the running `relay up`")
-@click.option("--channels", default="504,505,506", show_default=True, help="comma-separated channel ids")
+@click.option("--role", type=click.Choice(["bonus", "send"]), default="bonus", show_default=True,
+              help="grant promo codes (bonus, flow 3) or send templates at their ScheduledTime (send, flow 1)")
+@click.option("--channels", default=None,
+              help="comma-separated channel ids  [default: 504,505,506 (bonus), 610 (send)]")
 @click.option("--customers", default=2000, show_default=True, help="customers per channel")
-@click.option("--overlap", default=0.5, show_default=True, help="fraction shared by consecutive channels")
+@click.option("--overlap", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="fraction shared by consecutive channels  [default: 0.5 (bonus), 0 (send)]")
 @click.option("--multi-code-every", default=2, show_default=True,
-              help="every Nth customer holds two promo codes (0: none)")
+              help="bonus: every Nth customer holds two promo codes (0: none)")
+@click.option("--spread", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="send: seconds over which the sends not due at once fall due")
+@click.option("--due-now", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="send: fraction of the sends due when the campaign is created")
+@click.option("--templates", default="14,15,16", show_default=True,
+              help="send: comma-separated template ids, spread over the customers")
+@click.option("--attributes", default=None,
+              help="send: comma-separated attribute names the relay requests  [default: the channel's "
+                   "'attributes' in the relay's channel config, else Email,Country]")
+@click.option("--timezone", default="UTC", show_default=True, envvar="OPTIMOVE_TIMEZONE",
+              help="send: time zone the ScheduledTime values are written in; must be the relay's "
+                   "OPTIMOVE_TIMEZONE (read from it when set)")
+@click.option("--attribute-form", type=click.Choice(["list", "string", "mixed"]), default="mixed",
+              show_default=True, help="send: CustomerAttributes as a list, CustomerAttribute as one joined "
+                                      "string, or both (alternating customers)")
+@click.option("--seconds/--no-seconds", "with_seconds", default=True, show_default=True,
+              help="send: ScheduledTime with or without seconds")
 @click.option("--campaign-id", type=int, default=None, help="default: a random one")
-@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for the relay")
+@click.option("--timeout", default=300.0, show_default=True,
+              help="seconds to wait for the relay (send: after the last send falls due)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def campaign(data_dir: Path, channels: str, customers: int, overlap: float, multi_code_every: int,
-             campaign_id: int | None, timeout: float, as_json: bool) -> None:
-    """Create a multi-channel campaign, fire its notifications at the relay, wait, and summarise."""
-    from simulator.driver import format_summary, run_campaign
+def campaign(data_dir: Path, role: str, channels: str | None, customers: int, overlap: float | None,
+             multi_code_every: int, spread: float, due_now: float, templates: str, attributes: str | None,
+             timezone: str, attribute_form: str, with_seconds: bool, campaign_id: int | None, timeout: float,
+             as_json: bool) -> None:
+    """Create a campaign, fire its notifications at the relay, wait for its effects, and summarise.
 
-    if not 0 <= overlap < 1:
-        raise click.BadParameter("must be in [0, 1)", param_hint="--overlap")
-    try:
-        channel_ids = tuple(int(c) for c in channels.split(",") if c.strip())
-    except ValueError:
-        raise click.BadParameter("comma-separated integers", param_hint="--channels") from None
+    With --role send (flow 1) the campaign's ScheduledTimes are partly due at once and partly
+    spread over --spread seconds; the run fails when a send arrives early, twice, with the wrong
+    template, attributes or scheduled_time, or not at all.
+    """
+    from simulator.driver import format_for_role, run_for_role
+
+    channel_ids = _int_list(channels or ("610" if role == "send" else ",".join(CAMPAIGN_CHANNELS)), "--channels")
     info = _up_info(data_dir)
     sim = info["simulator"]
-    bar = None if as_json else click.progressbar(length=1000, label="granting", file=sys.stderr)
+    admin_url = sim.get(f"{role}_admin_url")
+    if not admin_url:
+        raise click.ClickException(f"the running simulator has no fake {role} service; restart `relay up`")
+    if role == "send":
+        options = dict(
+            overlap=overlap or 0.0, templates=_int_list(templates, "--templates"),
+            attributes=_send_attributes(info, channel_ids, attributes), spread=spread,
+            due_now_fraction=due_now, timezone=timezone, with_seconds=with_seconds,
+            attribute_form=attribute_form)
+    else:
+        options = dict(overlap=0.5 if overlap is None else overlap, multi_code_every=multi_code_every)
+    bar = None if as_json else click.progressbar(length=1000, label="sending" if role == "send" else "granting",
+                                                 file=sys.stderr)
 
     def progress(fraction: float, _status: dict) -> None:
         if bar is not None:
             bar.update(max(0, int(fraction * 1000) - bar.pos))
 
-    kwargs = dict(
-        listener_url=info["listener_url"], optimove_url=sim["optimove_url"],
-        bonus_admin_url=sim["bonus_admin_url"], status_url=None,
-        admin_auth=(info["admin_user"], info["admin_password"]), channels=channel_ids,
-        customers_per_channel=customers, overlap=overlap, multi_code_every=multi_code_every,
-        campaign_id=campaign_id, timeout=timeout, progress=progress)
-    kwargs["status_url"] = info["url"] + "/api/campaigns/{campaign_id}"
+    kwargs = dict(listener_url=info["listener_url"], optimove_url=sim["optimove_url"], admin_url=admin_url,
+                  status_url=info["url"] + "/api/campaigns/{campaign_id}",
+                  admin_auth=(info["admin_user"], info["admin_password"]), channels=channel_ids,
+                  customers_per_channel=customers, campaign_id=campaign_id, timeout=timeout,
+                  progress=progress, **options)
     try:
         if bar is not None:
             with bar:
-                summary = run_campaign(**kwargs)
+                summary = run_for_role(role, **kwargs)
         else:
-            summary = run_campaign(**kwargs)
+            summary = run_for_role(role, **kwargs)
     except (TimeoutError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    except ValueError as exc:  # a spec the fake Optimove refuses, e.g. an unknown --timezone
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary, indent=2) if as_json else format_for_role(summary))
     sys.exit(0 if summary.get("ok") else 1)
+
+
+def _int_list(text: str, hint: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise click.BadParameter("comma-separated integers", param_hint=hint) from None
+    if not values:
+        raise click.BadParameter("at least one id", param_hint=hint)
+    return values
+
+
+def _channel_entries(info: dict) -> dict[str, dict]:
+    """The relay's channel config from up.json: channel id -> {"role": ..., maybe "attributes": [...]}."""
+    return {str(key): value if isinstance(value, dict) else {"role": value}
+            for key, value in (info.get("channels") or {}).items()}
+
+
+def _send_attributes(info: dict, channels: tuple[int, ...], names: str | None):
+    """The attribute names the relay requests: --attributes for every channel, else per channel from the
+    relay's channel config (Email, Country when it names none). Checks the channels are send channels."""
+    entries = _channel_entries(info)
+    for channel in channels:
+        role = entries.get(str(channel), {}).get("role")
+        if entries and role not in (None, "send"):
+            raise click.BadParameter(f"channel {channel} has role {role!r} in the relay's channel config, "
+                                     f"not 'send'", param_hint="--channels")
+    if names is not None:
+        return tuple(name.strip() for name in names.split(",") if name.strip())
+    return {channel: tuple(entries.get(str(channel), {}).get("attributes") or ("Email", "Country"))
+            for channel in channels}
 
 
 # the campaign driver's default channels; a real-time run prefers a channel of its own

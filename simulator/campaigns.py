@@ -3,11 +3,24 @@
 A spec describes a multi-channel campaign without listing its customers. Channel index k
 holds customer numbers ``start_k .. start_k + n - 1`` with
 ``start_k = round(k * n * (1 - overlap))``; rows are computed on demand, page by page.
+
+The send fields (``templates``, ``schedule``, ``timezone``, ``attribute_form``) shape the rows
+of GetCustomerSendDetailsByChannel (flow 1). Customer number n gets template
+``templates[n % len(templates)]``. Its ScheduledTime is ``schedule.start`` for a fraction
+``due_now_fraction`` of the customers and spread over ``(start, start + spread_seconds]`` for
+the others (``u(n) = frac((n + 1) * 0.618...)`` picks which, evenly over any range of
+numbers); it is written in ``timezone`` and truncated to the second, or to the minute without
+``schedule.with_seconds``. ``expected_sends`` lists what a relay must send; ``attribute_value``
+gives one attribute's value.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 MAX_CUSTOMER_NUMBER = 10**8
 SCHEDULE_TIME = "2026-11-27 10:00:00"
@@ -18,6 +31,15 @@ DEFAULTS = {
     "codes": ["WB23"],
     "multi_code_every": 0,
 }
+SEND_DEFAULTS = {
+    "templates": [14],
+    "timezone": "UTC",
+    "attribute_form": "list",
+}
+SCHEDULE_DEFAULTS = {"spread_seconds": 0, "due_now_fraction": 1.0, "with_seconds": True}
+ATTRIBUTE_FORMS = ("list", "string", "mixed")
+COUNTRIES = ("US", "GB", "DE", "FR", "IL", "BR")
+GOLDEN_FRACTION = 0.6180339887498949
 
 
 class SpecError(ValueError):
@@ -28,14 +50,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_spec(raw: Any) -> dict:
-    """Return a normalised copy of a campaign spec, or raise SpecError naming the bad field."""
+def validate_spec(raw: Any, now: float | None = None) -> dict:
+    """Return a normalised copy of a campaign spec, or raise SpecError naming the bad field.
+
+    A send campaign's ``schedule.start`` defaults to ``now`` (default: the current time).
+    """
     if not isinstance(raw, dict):
         raise SpecError("spec must be a JSON object")
-    unknown = set(raw) - {"campaign_id", "customers_per_channel", *DEFAULTS}
+    unknown = set(raw) - {"campaign_id", "customers_per_channel", "schedule", *DEFAULTS, *SEND_DEFAULTS}
     if unknown:
         raise SpecError(f"unknown fields: {sorted(unknown)}")
-    spec = {**DEFAULTS, **raw}
+    spec = {**DEFAULTS, **SEND_DEFAULTS, **raw}
     if "campaign_id" not in raw or not _is_int(spec["campaign_id"]) or spec["campaign_id"] <= 0:
         raise SpecError("campaign_id must be a positive integer")
     if not _is_int(spec.get("customers_per_channel")) or spec["customers_per_channel"] < 0:
@@ -59,7 +84,46 @@ def validate_spec(raw: Any) -> dict:
     spec["codes"] = list(codes)
     if _channel_start(spec, len(channels) - 1) + spec["customers_per_channel"] > MAX_CUSTOMER_NUMBER:
         raise SpecError("campaign too large: customer numbers must stay below 10**8")
+    _validate_send_fields(spec, now)
     return spec
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_send_fields(spec: dict, now: float | None) -> None:
+    """Check and normalise ``templates``, ``schedule``, ``timezone`` and ``attribute_form`` in place."""
+    templates = spec["templates"]
+    if (not isinstance(templates, list) or not templates
+            or not all(_is_int(t) and t > 0 for t in templates) or len(set(templates)) != len(templates)):
+        raise SpecError("templates must be a non-empty list of distinct positive integers")
+    spec["templates"] = list(templates)
+    raw = spec.get("schedule", {})
+    if not isinstance(raw, dict) or set(raw) - {"start", *SCHEDULE_DEFAULTS}:
+        raise SpecError("schedule must be an object with start, spread_seconds, due_now_fraction "
+                        "and/or with_seconds")
+    schedule = {**SCHEDULE_DEFAULTS, **raw}
+    schedule.setdefault("start", int(time.time() if now is None else now))
+    if not _number(schedule["start"]) or schedule["start"] <= 0:
+        raise SpecError("schedule.start must be a positive number (epoch seconds)")
+    if not _number(schedule["spread_seconds"]) or schedule["spread_seconds"] < 0:
+        raise SpecError("schedule.spread_seconds must be a non-negative number")
+    if not _number(schedule["due_now_fraction"]) or not 0 <= schedule["due_now_fraction"] <= 1:
+        raise SpecError("schedule.due_now_fraction must be a number in [0, 1]")
+    if not isinstance(schedule["with_seconds"], bool):
+        raise SpecError("schedule.with_seconds must be true or false")
+    schedule["due_now_fraction"] = float(schedule["due_now_fraction"])
+    spec["schedule"] = schedule
+    try:
+        if not isinstance(spec["timezone"], str) or not spec["timezone"]:
+            raise ValueError
+        ZoneInfo(spec["timezone"])
+    except (ValueError, ZoneInfoNotFoundError):
+        raise SpecError(f"timezone must be an IANA time zone name such as Europe/Berlin, "
+                        f"got {spec['timezone']!r}") from None
+    if spec["attribute_form"] not in ATTRIBUTE_FORMS:
+        raise SpecError(f"attribute_form must be one of {', '.join(ATTRIBUTE_FORMS)}")
 
 
 def _channel_start(spec: dict, index: int) -> int:
@@ -158,3 +222,133 @@ def campaign_rows(spec: dict, skip: int, top: int) -> list[dict]:
         local_skip = max(0, skip - base)
         rows.extend(channel_rows(spec, channel, local_skip, top - len(rows)))
     return rows
+
+
+# --- send rows (GetCustomerSendDetailsByChannel, flow 1) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpectedSend:
+    """One send a relay must make for a send campaign: customer, template, due time, attributes."""
+
+    channel_id: int
+    customer_id: str
+    template_id: int
+    due: datetime
+    attributes: dict[str, str]
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """(channel, customer): a customer gets one send per channel."""
+        return (self.channel_id, self.customer_id)
+
+
+def customer_number(customer: str) -> int:
+    """The customer number of a ``customer_id`` (``"C00000012"`` -> 12)."""
+    return int(customer.lstrip("Cc"))
+
+
+def attribute_value(name: str, number: int) -> str:
+    """The value of attribute ``name`` for customer number ``number``.
+
+    ``Email`` -> ``c{n}@example.com``, ``Country`` -> one of a few ISO codes (case-insensitive
+    names), any other name -> ``{name}-{n}``.
+    """
+    lowered = name.lower()
+    if lowered == "email":
+        return f"c{number}@example.com"
+    if lowered == "country":
+        return COUNTRIES[number % len(COUNTRIES)]
+    return f"{name}-{number}"
+
+
+def template_for(spec: dict, number: int) -> int:
+    """The template customer number ``number`` gets in a send campaign."""
+    templates = spec["templates"]
+    return templates[number % len(templates)]
+
+
+def _time_format(spec: dict) -> str:
+    return "%Y-%m-%d %H:%M:%S" if spec["schedule"]["with_seconds"] else "%Y-%m-%d %H:%M"
+
+
+def _due_offset(schedule: dict, number: int) -> float:
+    """Seconds after ``start``: 0 for the due-now fraction, else evenly over the spread."""
+    fraction = schedule["due_now_fraction"]
+    u = ((number + 1) * GOLDEN_FRACTION) % 1.0  # never 0: with fraction 0, nobody is due at once
+    if u < fraction or fraction >= 1:
+        return 0.0
+    return schedule["spread_seconds"] * (u - fraction) / (1 - fraction)
+
+
+def scheduled_time(spec: dict, number: int) -> str:
+    """The ScheduledTime string of customer number ``number``, in the spec's time zone."""
+    schedule = spec["schedule"]
+    when = datetime.fromtimestamp(schedule["start"] + _due_offset(schedule, number), ZoneInfo(spec["timezone"]))
+    return when.strftime(_time_format(spec))
+
+
+def due_time(spec: dict, number: int) -> datetime:
+    """The instant customer number ``number``'s ScheduledTime denotes, as an aware datetime.
+
+    The string is read in the spec's time zone (an ambiguous wall time at a DST change is the
+    first of the two).
+    """
+    return datetime.strptime(scheduled_time(spec, number), _time_format(spec)).replace(
+        tzinfo=ZoneInfo(spec["timezone"]))
+
+
+def _string_form(spec: dict, number: int) -> bool:
+    form = spec["attribute_form"]
+    return form == "string" or (form == "mixed" and number % 2 == 1)
+
+
+def send_rows(spec: dict, channel_id: int, skip: int, top: int, attribute_names=(),
+              delimiter: str = ";") -> list[dict]:
+    """One page of GetCustomerSendDetailsByChannel rows for a channel ([] if unknown).
+
+    ``attribute_names`` are the requested CustomerAttributes; their values come as the list
+    ``CustomerAttributes`` or, in the string form, as ``CustomerAttribute`` joined by
+    ``delimiter``. Without names the rows carry neither key.
+    """
+    if channel_id not in spec["channels"] or top <= 0:
+        return []
+    start = _channel_start(spec, spec["channels"].index(channel_id))
+    n = spec["customers_per_channel"]
+    rows = []
+    for position in range(min(skip, n), min(skip + top, n)):
+        number = start + position
+        row = {"CustomerID": customer_id(number), "TemplateID": template_for(spec, number),
+               "ScheduledTime": scheduled_time(spec, number)}
+        if attribute_names:
+            values = [attribute_value(name, number) for name in attribute_names]
+            if _string_form(spec, number):
+                row["CustomerAttribute"] = delimiter.join(values)
+            else:
+                row["CustomerAttributes"] = values
+        rows.append(row)
+    return rows
+
+
+def expected_sends_count(spec: dict) -> int:
+    """Number of sends of a send campaign: one per customer per channel."""
+    return spec["customers_per_channel"] * len(spec["channels"])
+
+
+def expected_sends(spec: dict, attribute_names=(), channel_id: int | None = None) -> list[ExpectedSend]:
+    """Every send a relay must make for the campaign (one channel's with ``channel_id``).
+
+    ``attribute_names`` are the attributes the relay asks for (its channel config); each send's
+    ``attributes`` maps them to their values.
+    """
+    channels = spec["channels"] if channel_id is None else [channel_id]
+    sends = []
+    for channel in channels:
+        if channel not in spec["channels"]:
+            continue
+        start = _channel_start(spec, spec["channels"].index(channel))
+        for number in range(start, start + spec["customers_per_channel"]):
+            sends.append(ExpectedSend(channel, customer_id(number), template_for(spec, number),
+                                      due_time(spec, number),
+                                      {name: attribute_value(name, number) for name in attribute_names}))
+    return sends

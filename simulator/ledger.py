@@ -4,11 +4,16 @@ Each idempotency key is applied at most once. Applications, rejections and the t
 first call carrying it arrived are kept per *ledger key* (what the effect is about, e.g.
 campaign, customer, code and notification for a grant); an application is a duplicate only
 when one ledger key is applied under two different idempotency keys.
+
+A ledger with ``timed`` also checks due times: items may carry ``due_at`` (epoch seconds, None
+for "now"); every item received before its due time counts as ``early``, and each ledger key's
+first receive minus its due time (0 when early) feeds the ``late_seconds`` percentiles.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -61,12 +66,33 @@ class Entry:
     applications: int = 0
     rejections: int = 0
     applied_at: float | None = None
+    due_at: float | None = None
+    early: int = 0
+    detail: Any = None
 
     def to_json(self, key: tuple) -> dict:
-        """The entry as listed by ``GET /_sim/ledger?full=1``."""
-        return {"key": list(key), "idempotency_key": self.idempotency_key,
-                "first_received_at": self.first_received_at, "applied_at": self.applied_at,
-                "applications": self.applications, "rejections": self.rejections, "source": self.source}
+        """The entry as listed by ``GET /_sim/ledger?full=1``; ``due_at`` and ``early`` only for
+        items with a due time, ``detail`` (a send's attributes) only when the item has one."""
+        entry = {"key": list(key), "idempotency_key": self.idempotency_key,
+                 "first_received_at": self.first_received_at, "applied_at": self.applied_at,
+                 "applications": self.applications, "rejections": self.rejections, "source": self.source}
+        if self.due_at is not None:
+            entry["due_at"] = self.due_at
+            entry["early"] = self.early
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        return entry
+
+
+def percentiles(values: list[float]) -> dict:
+    """p50, p99 and max of sorted ``values`` (nearest rank, rounded to the millisecond) and their count."""
+    if not values:
+        return {"p50": None, "p99": None, "max": None, "count": 0}
+
+    def rank(p: float) -> float:
+        return round(values[max(0, math.ceil(p / 100 * len(values)) - 1)], 3)
+
+    return {"p50": rank(50), "p99": rank(99), "max": round(values[-1], 3), "count": len(values)}
 
 
 @dataclass
@@ -74,11 +100,12 @@ class Ledger:
     """Results per idempotency key and an Entry per ledger key. Not thread-safe: callers lock.
 
     Items need ``idempotency_key``, ``ledger_key`` (a tuple whose first element is the
-    campaign id) and ``source``.
+    campaign id) and ``source``; they may have ``due_at`` and ``detail``.
     """
 
     reference_prefix: str = "BON"
     applied_status: str = "granted"
+    timed: bool = False
     results: dict[str, dict] = field(default_factory=dict)
     entries: dict[tuple, Entry] = field(default_factory=dict)
     applied: int = 0
@@ -88,16 +115,36 @@ class Ledger:
     items_received: int = 0
     faults_injected: dict[str, int] = field(
         default_factory=lambda: {"failure": 0, "timeout": 0, "drop": 0, "item_retry": 0})
+    early: int = 0
+    _lateness: list[float] = field(default_factory=list)  # not yet merged into _lateness_sorted
+    _lateness_sorted: list[float] = field(default_factory=list)
     _references: itertools.count = field(default_factory=lambda: itertools.count(1))
 
+    def _new_entry(self, item, now: float) -> Entry:
+        due_at = getattr(item, "due_at", None)
+        entry = self.entries[item.ledger_key] = Entry(item.idempotency_key, now, item.source, due_at=due_at,
+                                                      detail=getattr(item, "detail", None))
+        if due_at is not None:
+            self._lateness.append(max(0.0, now - due_at))
+        return entry
+
+    def _note_early(self, item, entry: Entry, now: float) -> None:
+        due_at = getattr(item, "due_at", None)
+        if due_at is not None and now < due_at:
+            self.early += 1
+            entry.early += 1
+
     def receive(self, items: list, now: float) -> None:
-        """Count a call and note ``now`` as the first receive time of every new ledger key in it."""
+        """Count a call and note ``now`` as the first receive time of every new ledger key in it,
+        and as an early arrival of every item due later."""
         self.calls += 1
         self.items_received += len(items)
         entries = self.entries
         for item in items:
-            if item.ledger_key not in entries:
-                entries[item.ledger_key] = Entry(item.idempotency_key, now, item.source)
+            entry = entries.get(item.ledger_key)
+            if entry is None:
+                entry = self._new_entry(item, now)
+            self._note_early(item, entry, now)
 
     def record(self, item, reject_reason: str | None, received_at: float | None = None) -> tuple[dict, bool]:
         """Apply or reject an item once per idempotency key; return (stored result, is_new).
@@ -110,8 +157,9 @@ class Ledger:
             return known, False
         received_at = time.time() if received_at is None else received_at
         entry = self.entries.get(item.ledger_key)
-        if entry is None:
-            entry = self.entries[item.ledger_key] = Entry(item.idempotency_key, received_at, item.source)
+        if entry is None:  # applied without ``receive`` (direct use): note its arrival here
+            entry = self._new_entry(item, received_at)
+            self._note_early(item, entry, received_at)
         if reject_reason:
             result = {"idempotency_key": item.idempotency_key, "status": "rejected", "reason": reject_reason}
             self.rejected += 1
@@ -128,11 +176,22 @@ class Ledger:
         return result, True
 
     def counters(self) -> dict:
-        """Totals over the whole ledger; ``duplicates`` = applications beyond one per ledger key."""
-        return {"applied": self.applied, "unique_keys": self.unique_keys,
-                "duplicates": self.applied - self.unique_keys, "calls": self.calls,
-                "items_received": self.items_received, "rejected": self.rejected,
-                "faults_injected": dict(self.faults_injected)}
+        """Totals over the whole ledger; ``duplicates`` = applications beyond one per ledger key.
+
+        A ``timed`` ledger adds ``timed_keys`` (ledger keys with a due time), ``early`` and
+        ``late_seconds`` ({p50, p99, max, count}).
+        """
+        counters = {"applied": self.applied, "unique_keys": self.unique_keys,
+                    "duplicates": self.applied - self.unique_keys, "calls": self.calls,
+                    "items_received": self.items_received, "rejected": self.rejected,
+                    "faults_injected": dict(self.faults_injected)}
+        if self.timed:
+            if self._lateness:  # two sorted runs: Timsort merges them in linear time
+                self._lateness_sorted = sorted(self._lateness_sorted + sorted(self._lateness))
+                self._lateness = []
+            counters.update(timed_keys=len(self._lateness_sorted), early=self.early,
+                            late_seconds=percentiles(self._lateness_sorted))
+        return counters
 
     def select(self, campaign_id: int | None = None, customer_prefix: str | None = None,
                customer_index: int = 1) -> Iterator[tuple[tuple, Entry]]:

@@ -20,6 +20,7 @@ from simulator.limiter import SlidingWindowLimiter
 
 MAX_PAGE = 10_000
 MAX_PROMOTIONS = 100
+MAX_TEMPLATES = 100
 MAX_PROMOS_UPDATED = 10_000
 TOO_MANY_REQUESTS = {
     "status": 429,
@@ -74,8 +75,10 @@ class OptimoveState:
         self.by_function: dict[str, int] = {}
         self.campaigns: dict[int, dict] = {}
         self.promotions: dict[str, str] = {}
+        self.channel_templates: dict[int, dict[int, str]] = {}
         self.listeners: dict[tuple, dict] = {}
         self.promotion_status: dict[int, dict] = {}
+        self.campaign_metrics: list[list[dict]] = []
         self._since_burst = 0
         self._burst_left = 0
 
@@ -225,15 +228,96 @@ def _execution_details(state: OptimoveState, body: Any):
     return campaigns.channel_rows(spec, channel_id, skip, top)
 
 
+METRIC_FIELDS = ("ChannelID", "CampaignID", "TemplateID", "MetricID", "MetricValue")
+ATTRIBUTE_VALUE_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@.-_")
+
+
+def _attribute_names() -> list[str]:
+    raw = request.args.get("CustomerAttributes")
+    if not raw:
+        return []
+    names = [name.strip() for name in raw.split(";")]
+    if not all(names):
+        raise BadRequest("CustomerAttributes must be attribute names separated by ';'.")
+    return names
+
+
+def _attribute_delimiter() -> str:
+    delimiter = request.args.get("CustomerAttributesDelimiter") or ";"
+    if len(delimiter) != 1 or delimiter in ATTRIBUTE_VALUE_CHARACTERS:
+        raise BadRequest("CustomerAttributesDelimiter must be one character that cannot occur in "
+                         "attribute values, such as ';' or ','.")
+    return delimiter
+
+
+def _send_details(state: OptimoveState, body: Any):
+    channel_id = _int_param("ChannelID")
+    campaign_id = _int_param("CampaignID")
+    if channel_id is None or campaign_id is None:
+        raise BadRequest("ChannelID and CampaignID are required.")
+    names, delimiter = _attribute_names(), _attribute_delimiter()
+    top = min(_int_param("$top", MAX_PAGE), MAX_PAGE)
+    skip = _int_param("$skip", 0)
+    spec = state.campaigns.get(campaign_id)
+    if spec is None:
+        return []
+    return campaigns.send_rows(spec, channel_id, skip, top, names, delimiter)
+
+
+def _update_campaign_metrics(state: OptimoveState, body: Any):
+    if not isinstance(body, list) or not body:
+        raise BadRequest("Body must be a non-empty array of campaign metrics.")
+    for index, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise BadRequest(f"Item {index}: each metric must be an object with {', '.join(METRIC_FIELDS)}.")
+        for name in METRIC_FIELDS:
+            if not _is_int(item.get(name)):
+                raise BadRequest(f"Item {index}: {name} is required and must be an integer.")
+    state.campaign_metrics.append([{name: item[name] for name in METRIC_FIELDS} for item in body])
+    return None
+
+
+def _channel_id() -> int:
+    channel_id = _int_param("ChannelID", minimum=1)
+    if channel_id is None:
+        raise BadRequest("ChannelID is required.")
+    return channel_id
+
+
+def _add_channel_templates(state: OptimoveState, body: Any):
+    channel_id = _channel_id()
+    if not isinstance(body, list) or not body:
+        raise BadRequest("Body must be a non-empty array of templates.")
+    if len(body) > MAX_TEMPLATES:
+        raise BadRequest(f"At most {MAX_TEMPLATES} templates per call.")
+    for index, item in enumerate(body):
+        if not (isinstance(item, dict) and _is_int(item.get("TemplateID"))
+                and isinstance(item.get("TemplateName"), str) and item["TemplateName"].strip()):
+            raise BadRequest(f"Item {index}: each template needs TemplateID (integer) and a non-empty TemplateName.")
+    stored = state.channel_templates.setdefault(channel_id, {})
+    for item in body:
+        stored[item["TemplateID"]] = item["TemplateName"]
+    return None
+
+
+def _get_channel_templates(state: OptimoveState, body: Any):
+    stored = state.channel_templates.get(_channel_id(), {})
+    return [{"TemplateID": template_id, "TemplateName": name} for template_id, name in stored.items()]
+
+
 ROUTES: dict[tuple[str, str], tuple[str, Callable]] = {
     ("integrations", "AddPromotions"): ("POST", _add_promotions),
     ("integrations", "GetPromotions"): ("GET", _get_promotions),
+    ("integrations", "AddChannelTemplates"): ("POST", _add_channel_templates),
+    ("integrations", "GetChannelTemplates"): ("GET", _get_channel_templates),
     ("integrations", "UpdateCustomerPromotionStatus"): ("POST", _update_promotion_status),
     ("general", "RegisterEventListener"): ("POST", _register_listener),
     ("general", "UnregisterEventListener"): ("POST", _unregister_listener),
     ("general", "GetRegisteredEventListeners"): ("GET", _get_listeners),
     ("actions", "GetCampaignDetails"): ("GET", _campaign_details),
     ("customers", "GetCustomerExecutionDetailsByCampaign"): ("GET", _execution_details),
+    ("customers", "GetCustomerSendDetailsByChannel"): ("GET", _send_details),
+    ("integrations", "UpdateCampaignMetrics"): ("POST", _update_campaign_metrics),
 }
 
 
@@ -300,6 +384,8 @@ def _admin_blueprint(state: OptimoveState) -> Blueprint:
             "expected_triples": campaigns.expected_triples(spec),
             "unique_customers": campaigns.unique_customers(spec),
             "customers_per_channel": campaigns.customers_per_channel(spec),
+            "expected_sends": campaigns.expected_sends_count(spec),
+            "schedule": spec["schedule"],
         })
 
     @admin.get("/stats")
@@ -332,6 +418,18 @@ def _admin_blueprint(state: OptimoveState) -> Blueprint:
                 "true": sum(1 for s in statuses.values() if s),
                 "false": sum(1 for s in statuses.values() if not s),
             })
+
+    @admin.get("/campaign-metrics")
+    def campaign_metrics():
+        campaign_id = request.args.get("campaign_id", type=int)
+        with state.lock:
+            calls = [[dict(item, call=number) for item in call
+                      if campaign_id is None or item["CampaignID"] == campaign_id]
+                     for number, call in enumerate(state.campaign_metrics, 1)]
+        metrics = [item for call in calls for item in call]
+        latest = {tuple(item[name] for name in METRIC_FIELDS[:4]): item for item in metrics}
+        return jsonify({"calls": sum(1 for call in calls if call), "metrics": metrics,
+                        "latest": [{name: item[name] for name in METRIC_FIELDS} for item in latest.values()]})
 
     @admin.get("/listeners")
     def listeners():

@@ -100,7 +100,8 @@ class PeerKind:
     """What one kind of fake peer is: names, paths, how items are parsed, rejected and summarised.
 
     ``path`` and ``item`` give the endpoints: batch ``{path}/{item}s`` with the body
-    ``{"{item}s": [...]}``, single ``{path}/{item}``.
+    ``{"{item}s": [...]}``, single ``{path}/{item}``. With ``timed`` the ledger checks items'
+    due times (see ``simulator.ledger``).
     """
 
     name: str
@@ -114,6 +115,7 @@ class PeerKind:
     reject_reason: Callable[[Any, frozenset], str | None]
     summary_names: dict = field(default_factory=dict)
     full_extras: Callable[[list[dict]], dict] | None = None
+    timed: bool = False
 
     @property
     def batch_path(self) -> str:
@@ -147,7 +149,7 @@ class FakePeer:
         return cls(kind, kind.config(**settings).validated())
 
     def _new_ledger(self) -> Ledger:
-        return Ledger(self.kind.reference_prefix, self.kind.applied_status)
+        return Ledger(self.kind.reference_prefix, self.kind.applied_status, self.kind.timed)
 
     def configure(self, changes: dict) -> None:
         """Change fault settings at runtime (reseeds when ``seed`` is given)."""

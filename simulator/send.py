@@ -5,11 +5,16 @@
 send with an ``Idempotency-Key`` header and answers 201, 409 (same key again), 422 (rejected)
 or 503 (injected failure). Sends of a template in ``reject_template_ids`` are rejected.
 The ledger key of a send is (campaign_id, channel_id, customer_id, template_id, notification_id).
+
+A send with a ``scheduled_time`` (ISO-8601 with a UTC offset; null for real-time sends) is due
+then: the summary counts sends received before it (``early``, every call counts, no tolerance)
+and how late each ledger key's first call came (``late_seconds``: p50, p99, max).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from simulator.ledger import InvalidItem, idempotency_key_of, int_field, text_field
@@ -30,11 +35,32 @@ class Send:
     scheduled_time: str | None = None
     source: Any = None
     notification_id: int | None = None
+    due_at: float | None = None
 
     @property
     def ledger_key(self) -> tuple:
         """What the send is about: (campaign, channel, customer, template, notification)."""
         return (self.campaign_id, self.channel_id, self.customer_id, self.template_id, self.notification_id)
+
+    @property
+    def detail(self) -> dict:
+        """What the ledger keeps of the first send of a key: its attributes."""
+        return self.attributes
+
+
+def due_at_of(scheduled_time: str | None, key: str) -> float | None:
+    """Epoch seconds of a ``scheduled_time`` (None stays None); InvalidItem unless it is ISO-8601
+    with a UTC offset."""
+    if scheduled_time is None:
+        return None
+    try:
+        when = datetime.fromisoformat(scheduled_time)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise InvalidItem(f"{key}: scheduled_time must be an ISO-8601 time with a UTC offset or null, "
+                          f"got {scheduled_time!r}")
+    return when.timestamp()
 
 
 def parse_send(raw: object, header_key: str | None = None) -> Send:
@@ -51,7 +77,8 @@ def parse_send(raw: object, header_key: str | None = None) -> Send:
         raise InvalidItem(f"{key}: scheduled_time must be a string or null")
     return Send(key, int_field(raw, "campaign_id", key), int_field(raw, "channel_id", key, optional=True),
                 int_field(raw, "template_id", key), text_field(raw, "customer_id", key), attributes, codes,
-                scheduled_time, raw.get("source"), int_field(raw, "notification_id", key, optional=True))
+                scheduled_time, raw.get("source"), int_field(raw, "notification_id", key, optional=True),
+                due_at_of(scheduled_time, key))
 
 
 SendConfig = fault_config("SendConfig", "reject_template_ids", int)
@@ -63,13 +90,16 @@ def _rejected_template(send: Send, rejects: frozenset) -> str | None:
 
 SEND = PeerKind(name="send service", path="/send", item="send", applied_status="sent", reference_prefix="SND",
                 customer_index=2, config=SendConfig, parse=parse_send, reject_reason=_rejected_template,
-                summary_names={"duplicates": "duplicate_sends"})
+                summary_names={"duplicates": "duplicate_sends"}, timed=True)
 
 
 def create_send_app(**settings) -> FakePeer:
     """Build a fake send service (settings: the SendConfig fields); serve it with ``make_server``.
 
     Its ledger summary says ``applied``, ``unique_keys``, ``duplicate_sends``, ``calls``,
-    ``items_received``, ``rejected``, ``faults_injected``; with ``full``, also ``entries``.
+    ``items_received``, ``rejected``, ``faults_injected``, ``timed_keys`` (sends with a
+    scheduled_time), ``early`` and ``late_seconds`` ({p50, p99, max, count}); with ``full``, also
+    ``entries`` (a timed send's entry has ``due_at`` and ``early``, every send's ``detail`` holds
+    its attributes).
     """
     return FakePeer.build(SEND, **settings)

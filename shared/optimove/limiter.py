@@ -4,10 +4,15 @@ A sliding-window log kept in Redis: one sorted set per API key whose members are
 times (Redis server clock, microseconds). A Lua script trims, counts and adds atomically, so
 at most `limit.count` grants fall in any window of `limit.seconds` seconds, whichever process
 or machine asks. Using the server's `TIME` makes machines with skewed clocks agree.
+
+`LocalRateLimiter` is the same window kept in one process, for a command run without Redis;
+`limiter_from_settings` picks the shared one when `REDIS_URL` is set.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 import time
 import uuid
 from typing import Callable
@@ -78,3 +83,61 @@ class RateLimiter:
             if self._clock() + wait > end:
                 return False
             self._sleep(wait)
+
+
+class LocalRateLimiter:
+    """The sliding window of `RateLimiter`, kept in this process only (thread-safe).
+
+    For a one-off command run without `REDIS_URL`: it keeps that command within the limit, but
+    knows nothing of workers or other commands using the same API key.
+    """
+
+    def __init__(self, limit: RateLimit, *, margin: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.limit = limit
+        self.margin = max(0.1, 0.02 * limit.seconds) if margin is None else margin
+        self._window = limit.seconds + self.margin
+        self._grants: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+        self._sleep = sleep
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"LocalRateLimiter(limit={self.limit})"
+
+    def try_acquire(self) -> float:
+        """Take a slot: 0.0 if taken (send now), else the seconds until one frees up (> 0)."""
+        with self._lock:
+            now = self._clock()
+            while self._grants and self._grants[0] <= now - self._window:
+                self._grants.popleft()
+            if len(self._grants) < self.limit.count:
+                self._grants.append(now)
+                return 0.0
+            return max(self._grants[0] + self._window - now, 1e-6)
+
+    def acquire(self, deadline_s: float) -> bool:
+        """Wait (sleeping the returned waits) up to `deadline_s` seconds from now for a slot."""
+        end = self._clock() + deadline_s
+        while True:
+            wait = self.try_acquire()
+            if wait == 0.0:
+                return True
+            if self._clock() + wait > end:
+                return False
+            self._sleep(wait)
+
+
+def limiter_from_settings(settings) -> RateLimiter | LocalRateLimiter:
+    """The Optimove limiter for `settings`: shared through Redis when `REDIS_URL` is set, else in-process.
+
+    The Redis one uses the same key as the workers (a hash of `OPTIMOVE_API_KEY`), so a command
+    and the workers share one budget. No connection is made until the first slot is taken.
+    """
+    if settings.redis_url:
+        import redis
+
+        settings.require("optimove_api_key")
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=3)
+        return RateLimiter(client, settings.optimove_api_key, settings.optimove_rate_limit)
+    return LocalRateLimiter(settings.optimove_rate_limit)

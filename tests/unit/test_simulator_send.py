@@ -2,6 +2,7 @@
 
 import functools
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
@@ -39,7 +40,9 @@ def test_batch_is_idempotent_per_key(send):
     assert post_batch(url, item("k1"), item("k2", customer="c-2"), item("k1")).json()["results"] == first
     assert ledger(url) == {"applied": 2, "unique_keys": 2, "duplicate_sends": 0, "calls": 2,
                            "items_received": 6, "rejected": 0,
-                           "faults_injected": {"failure": 0, "timeout": 0, "drop": 0, "item_retry": 0}}
+                           "faults_injected": {"failure": 0, "timeout": 0, "drop": 0, "item_retry": 0},
+                           "timed_keys": 0, "early": 0,
+                           "late_seconds": {"p50": None, "p99": None, "max": None, "count": 0}}
 
 
 def test_single_send_201_409_422_and_400(send):
@@ -147,3 +150,46 @@ def test_reset_forgets_sends_and_keeps_settings(send):
     state = ledger(url, full=True)
     assert state["rejected"] == 0 and state["calls"] == 0 and state["entries"] == []
     assert post_batch(url, item("k1")).json()["results"][0]["status"] == "rejected"
+
+
+def iso(epoch, offset_hours=0):
+    return datetime.fromtimestamp(epoch, timezone(timedelta(hours=offset_hours))).isoformat()
+
+
+def test_early_and_late_sends_are_counted_against_scheduled_time(send):
+    _, url = send()
+    now = time.time()
+    post_batch(url, item("late-3", customer="c-1", scheduled_time=iso(now - 3)),
+               item("late-10", customer="c-2", scheduled_time=iso(now - 10, offset_hours=5.5)),
+               item("early", customer="c-3", scheduled_time=iso(now + 100, offset_hours=-5)),
+               item("realtime", customer="c-4"))
+    requests.post(f"{url}/send/send", json=item("late-1", customer="c-5", scheduled_time=iso(now - 1)),
+                  timeout=5)
+    state = ledger(url, full=True)
+    assert state["timed_keys"] == 4 and state["early"] == 1 and state["applied"] == 5
+    late = state["late_seconds"]
+    assert late["count"] == 4 and late["p50"] >= 1 and 10 <= late["max"] < 12 and late["p99"] == late["max"]
+    entries = {entry["key"][2]: entry for entry in state["entries"]}
+    assert entries["c-3"]["early"] == 1 and entries["c-1"]["early"] == 0
+    assert abs(entries["c-2"]["due_at"] - (now - 10)) < 1e-3
+    assert "due_at" not in entries["c-4"] and entries["c-4"]["detail"] == {"Email": "c-4@example.com"}
+
+
+def test_every_early_call_counts_and_duplicates_stay_per_ledger_key(send):
+    _, url = send(item_retry_rate=1.0)
+    due = iso(time.time() + 60)
+    post_batch(url, item("k1", scheduled_time=due))  # answered "retry": received early, not applied
+    requests.post(f"{url}/_sim/config", json={"item_retry_rate": 0}, timeout=5)
+    post_batch(url, item("k1", scheduled_time=due), item("k1-again", scheduled_time=due))
+    state = ledger(url, full=True)
+    assert state["early"] == 3 and state["timed_keys"] == 1
+    assert state["applied"] == 2 and state["duplicate_sends"] == 1
+    [entry] = state["entries"]
+    assert entry["early"] == 3 and entry["applications"] == 2
+
+
+@pytest.mark.parametrize("value", ["2026-11-29 02:00:00", "tomorrow", "2026-11-29T02:00:00", 5])
+def test_scheduled_time_needs_an_iso_time_with_offset(send, value):
+    _, url = send()
+    batch = post_batch(url, item("k1", scheduled_time=value))
+    assert batch.status_code == 400 and "scheduled_time" in batch.json()["error"]

@@ -1,6 +1,7 @@
-"""Scheduled-bonus campaign throughput, end to end, against the raw Postgres insert limit, in one run.
+"""Scheduled campaign throughput (flow 3 grants, or flow 1 sends), end to end, against the raw Postgres insert limit, in one run.
 
-    .venv/bin/python bench/campaign.py [--customers 300000] [--sizes 100000,300000] [--workers 2] [--json]
+    .venv/bin/python bench/campaign.py [--role bonus|send] [--customers N] [--sizes 100000,300000]
+                                       [--channels 3] [--workers 2] [--json]
 
 Starts Postgres and Redis (embedded under a temp folder unless DATABASE_URL/REDIS_URL are set), the
 simulator (`python -m simulator serve`, fake Optimove + fake bonus system) and the relay's `web` and
@@ -20,6 +21,26 @@ with the same unique constraint, on the same server, in one connection, one comm
 Targets: end-to-end customers/s ÷ raw rows/s >= 0.2; worker peak RSS < 300 MB and flat across
 sizes; seconds per customer at the largest size <= 1.3x the smallest. Exits 0 whether or not
 targets are met (1 when a campaign's counts are wrong).
+
+`--role send` (flow 1, pre-scheduled sends) instead runs a send campaign on send channels 610, 611,
+612 (role `send`, attributes Email and Country, in the channel config the bench writes), N
+customers per channel (default 100,000; `--sizes` for several), no overlap, templates 14/15/16,
+every ScheduledTime due now (due_now_fraction 1.0), attributes half in list and half in string
+form. The relay pages GetCustomerSendDetailsByChannel, claims one `sends` row per (campaign,
+channel, customer, template) and delivers them with the batch send adapter (SEND_BATCH_SIZE =
+`--batch-size`) to the simulator's fake send service. Time runs from the first notification until
+Postgres records the last send `sent` (the runs' `sent` counters, polled every 20 ms); the fake
+send service's own receive times of the first and last send are reported too. The raw limit is
+the same rows (the relay's own page parsing, keys and columns, computed outside the timing) inserted
+with `execute_values … ON CONFLICT DO NOTHING RETURNING id` into a fresh sends-shaped table (same
+columns, types and defaults, same unique constraint, no secondary indexes), one page per
+statement and commit, as for grants; the relay's own `INSERT … SELECT FROM unnest … ON CONFLICT`
+shape is measured next to it for reference. The worker tree's RSS is kept for every 0.2 s sample:
+start (idle, after the warm-up), at 10 % of the sends recorded (the first pages done), max and end;
+"flat" means max <= the 10 % value + 20 MB. Exactness: every expected (channel, customer,
+template) applied exactly once at the fake send service with the expected attributes and
+ScheduledTime, none early, none rejected, nothing else; Postgres holds exactly the expected rows,
+all `sent`, and every run is `done`.
 """
 from __future__ import annotations
 
@@ -62,6 +83,19 @@ TARGET_RSS_MB = 300
 TARGET_GROWTH = 1.3
 RSS_INTERVAL = 0.2
 POLL_INTERVAL = 0.02
+BONUS_SIZES = (100_000, 300_000)
+BONUS_CUSTOMERS = 300_000       # with --sizes ''
+# --role send (flow 1)
+SEND_CHANNELS = (610, 611, 612)
+SEND_TEMPLATES = (14, 15, 16)
+SEND_ATTRIBUTES = ("Email", "Country")
+SEND_ATTRIBUTE_FORM = "mixed"    # odd customers' attributes as one ';'-joined string, even ones as a list
+SEND_CUSTOMERS = 100_000
+SEND_SOURCE = "scheduled"
+WARMUP_CUSTOMERS = 2000
+TARGET_RSS_FLAT_MB = 20          # max tree RSS <= its value once RSS_WARM_FRACTION of the sends are recorded + this
+RSS_WARM_FRACTION = 0.1
+PEER_CHUNK = 100_000             # customer numbers per read of the fake send service's entries (prefix C000..)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -113,7 +147,7 @@ def start_simulator(tmp: Path, stack: ExitStack, rate_limit: str, name: str = "s
 def relay_env(args, db_url: str, redis_url: str, sim: dict, tmp: Path) -> dict:
     """The relay processes' environment: stores, simulator, limits, bench settings."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "DATABASE_URL", "REDIS_URL"))}
+           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "SEND_", "DATABASE_URL", "REDIS_URL"))}
     env.update({
         "DATABASE_URL": db_url, "REDIS_URL": redis_url, "RELAY_LISTENER_TOKENS": TOKEN,
         "RELAY_ADMIN_PASSWORD": ADMIN_PASSWORD, "RELAY_LOG_LEVEL": args.log_level,
@@ -165,6 +199,7 @@ class RssSampler:
         self.child_peak = 0
         self.tree_peak = 0
         self.samples = 0
+        self.history: list[tuple[float, int, int]] = []  # (monotonic, tree sum over roots, largest pool child)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -183,6 +218,7 @@ class RssSampler:
                 return
 
     def sample(self) -> None:
+        tree_sum = child_max = 0
         for pid in self.roots:
             total = 0
             try:
@@ -198,8 +234,11 @@ class RssSampler:
                 total += rss
                 if p.pid != pid:
                     self.child_peak = max(self.child_peak, rss)
+                    child_max = max(child_max, rss)
             self.tree_peak = max(self.tree_peak, total)
+            tree_sum += total
         self.samples += 1
+        self.history.append((time.monotonic(), tree_sum, child_max))
 
 
 def granted_so_far(cur, campaign_id: int) -> int:
@@ -209,10 +248,11 @@ def granted_so_far(cur, campaign_id: int) -> int:
 
 
 def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campaign_id: int, n: int,
-                 timeout: float) -> dict:
-    """Create the campaign in the fake Optimove, fire the 3 notifications, wait for the last grant, check."""
+                 timeout: float, channels: tuple[int, ...] = CHANNELS) -> dict:
+    """Create the campaign in the fake Optimove, fire the notifications (one per channel), wait for the last
+    grant, check."""
     session = requests.Session()
-    spec = {"campaign_id": campaign_id, "channels": list(CHANNELS), "customers_per_channel": n,
+    spec = {"campaign_id": campaign_id, "channels": list(channels), "customers_per_channel": n,
             "overlap": OVERLAP, "codes": list(CODES), "multi_code_every": MULTI_CODE_EVERY}
     created = session.post(f"{sim['optimove_url']}/_sim/campaigns", json=spec, timeout=30)
     created.raise_for_status()
@@ -226,7 +266,7 @@ def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campai
     try:
         with RssSampler(workers) as rss, conn.cursor() as cur:
             started = time.monotonic()
-            for channel in CHANNELS:
+            for channel in channels:
                 r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
                                                  "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
                 if r.status_code not in (200, 202):
@@ -268,13 +308,14 @@ def channel_pages(spec: dict, page_size: int):
             yield codes_per_customer(campaigns.channel_rows(spec, channel, skip, page_size))
 
 
-def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int) -> dict:
+def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int,
+                    channels: tuple[int, ...] = CHANNELS) -> dict:
     """Rows/s of `execute_values … ON CONFLICT DO NOTHING RETURNING id`, one page per statement, fresh table."""
-    spec = {"campaign_id": campaign_id, "channels": list(CHANNELS), "customers_per_channel": n,
+    spec = {"campaign_id": campaign_id, "channels": list(channels), "customers_per_channel": n,
             "overlap": OVERLAP, "codes": list(CODES), "multi_code_every": MULTI_CODE_EVERY}
     pages = [[(campaign_id, customer, promo, channel, None, "scheduled_bonus") for customer, promo in pairs]
              for channel, pairs in zip(
-                 [c for c in CHANNELS for _ in range(0, n, page_size)], channel_pages(spec, page_size))]
+                 [c for c in channels for _ in range(0, n, page_size)], channel_pages(spec, page_size))]
     conn = psycopg2.connect(db_url)
     try:
         with conn.cursor() as cur:
@@ -304,6 +345,266 @@ def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int) -> di
     finally:
         conn.close()
     return {"rows": rows, "inserted": inserted, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds, 1)}
+
+
+# --- flow 1: pre-scheduled sends (--role send) ---------------------------------------------------
+
+def send_channel_config(channels: tuple[int, ...]) -> dict:
+    """The RELAY_CHANNEL_CONFIG the bench writes: the campaign's channels are send channels."""
+    return {"default_role": "bonus",
+            "channels": {str(c): {"role": "send", "attributes": list(SEND_ATTRIBUTES)} for c in channels}}
+
+
+def send_env(args, env: dict, sim: dict, tmp: Path, channels: tuple[int, ...]) -> dict:
+    """`relay_env` plus the channel config and the batch send adapter against the fake send service."""
+    path = tmp / "channels.json"
+    path.write_text(json.dumps(send_channel_config(channels)))
+    return {**env, "RELAY_CHANNEL_CONFIG": str(path), "SEND_ADAPTER": "http", "SEND_URL": sim["send_url"],
+            "SEND_MODE": "batch", "SEND_BATCH_SIZE": str(args.batch_size)}
+
+
+def send_campaign_spec(campaign_id: int, channels: tuple[int, ...], n: int, start: float | None = None) -> dict:
+    """A send campaign: no overlap, every ScheduledTime due at `start` (default now, to the second)."""
+    return campaigns.validate_spec({
+        "campaign_id": campaign_id, "channels": list(channels), "customers_per_channel": n, "overlap": 0.0,
+        "templates": list(SEND_TEMPLATES), "timezone": "UTC", "attribute_form": SEND_ATTRIBUTE_FORM,
+        "schedule": {"start": time.time() if start is None else start, "spread_seconds": 0,
+                     "due_now_fraction": 1.0, "with_seconds": True}})
+
+
+def sent_so_far(cur, campaign_id: int) -> int:
+    """Sends recorded `sent` for the campaign, from the runs' counters (updated in the settle transaction)."""
+    cur.execute("SELECT coalesce(sum(sent), 0) FROM campaign_runs WHERE campaign_id = %s", (campaign_id,))
+    return int(cur.fetchone()[0])
+
+
+def rss_profile(history: list[tuple[float, int, int]], warm_at: float) -> dict:
+    """Worker tree RSS (and largest pool child) at start, once warm (first sample at/after `warm_at`),
+    max and end, in MB; `growth_after_warm_mb` = tree max - tree when warm."""
+    mb = lambda b: round(b / 2 ** 20, 1)  # noqa: E731
+    warm = next((h for h in history if h[0] >= warm_at), history[-1])
+    tree_max, child_max = max(h[1] for h in history), max(h[2] for h in history)
+    return {"tree_start_mb": mb(history[0][1]), "tree_warm_mb": mb(warm[1]), "tree_max_mb": mb(tree_max),
+            "tree_end_mb": mb(history[-1][1]), "child_start_mb": mb(history[0][2]), "child_warm_mb": mb(warm[2]),
+            "child_max_mb": mb(child_max), "child_end_mb": mb(history[-1][2]),
+            "growth_after_warm_mb": mb(tree_max - warm[1]), "samples": len(history)}
+
+
+def check_peer(session: requests.Session, ledger_url: str, spec: dict) -> dict:
+    """Every expected send of `spec` at the fake send service: each (channel, customer) applied exactly once,
+    with the expected template, attributes and ScheduledTime, never early, nothing rejected or unexpected.
+
+    Reads the campaign's ledger entries PEER_CHUNK customer numbers at a time (customer prefix C000, C001, …)
+    so a million entries are never one response. Also returns the first and last receive times (epoch).
+    """
+    campaign_id, channels, n = spec["campaign_id"], spec["channels"], spec["customers_per_channel"]
+    index = {channel: k for k, channel in enumerate(channels)}   # overlap 0: channel k holds k*n .. k*n+n-1
+    seen = {channel: bytearray(n) for channel in channels}
+    out = {"entries": 0, "applied_keys": 0, "duplicates": 0, "rejected": 0, "early": 0, "unexpected": 0,
+           "wrong_template": 0, "wrong_time": 0, "wrong_attributes": 0, "examples": []}
+    first = last = None
+    dues: dict[str, float] = {}
+    blocks = (len(channels) * n - 1) // PEER_CHUNK + 1 if n else 0
+    for block in range(blocks):
+        r = session.get(ledger_url, params={"full": 1, "campaign_id": campaign_id,
+                                            "customer_prefix": f"C{block:03d}"}, timeout=600)
+        r.raise_for_status()
+        for entry in r.json()["entries"]:
+            out["entries"] += 1
+            _, channel, customer, template, notification = entry["key"]
+            number = campaigns.customer_number(customer)
+            k = index.get(channel)
+            position = number - k * n if k is not None else -1
+            if not 0 <= position < n or notification is not None:
+                out["unexpected"] += 1
+                continue
+            applications = entry["applications"]
+            seen[channel][position] = min(255, seen[channel][position] + applications)
+            if entry["rejections"]:
+                out["rejected"] += 1
+            if applications:
+                out["applied_keys"] += 1
+            label = f"{channel}/{customer}"
+            if template != campaigns.template_for(spec, number):
+                out["wrong_template"] += 1
+                out["examples"].append(f"{label}: template {template}")
+            stamp = campaigns.scheduled_time(spec, number)
+            if stamp not in dues:
+                dues[stamp] = campaigns.due_time(spec, number).timestamp()
+            due = dues[stamp]
+            if entry.get("due_at") is None or abs(entry["due_at"] - due) > 0.001:
+                out["wrong_time"] += 1
+                out["examples"].append(f"{label}: due_at {entry.get('due_at')}, expected {due}")
+            if entry.get("early") or entry["first_received_at"] < due:
+                out["early"] += 1
+            want = {name: campaigns.attribute_value(name, number) for name in SEND_ATTRIBUTES}
+            if entry.get("detail") != want:
+                out["wrong_attributes"] += 1
+                out["examples"].append(f"{label}: attributes {entry.get('detail')}")
+            first = entry["first_received_at"] if first is None else min(first, entry["first_received_at"])
+            if entry.get("applied_at") is not None:
+                last = entry["applied_at"] if last is None else max(last, entry["applied_at"])
+    out["sent_once"] = sum(counts.count(1) for counts in seen.values())
+    out["missing"] = sum(counts.count(0) for counts in seen.values())
+    out["duplicates"] = sum(c - 1 for counts in seen.values() for c in counts if c > 1)
+    out["examples"] = out["examples"][:5]
+    out["first_received_at"], out["last_applied_at"] = first, last
+    return out
+
+
+def run_send_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campaign_id: int, n: int,
+                      timeout: float, channels: tuple[int, ...]) -> dict:
+    """Create the send campaign in the fake Optimove, fire one EventTypeID 13 per channel, wait until Postgres
+    records the last send `sent`, then check the fake send service and Postgres send by send."""
+    session = requests.Session()
+    spec = send_campaign_spec(campaign_id, channels, n)
+    created = session.post(f"{sim['optimove_url']}/_sim/campaigns", json=spec, timeout=30)
+    created.raise_for_status()
+    expected = created.json()["expected_sends"]
+    ledger_url = f"{sim['send_admin_url']}/_sim/ledger"
+    before = session.get(ledger_url, timeout=30).json()
+    listener = f"{base}/optimove/events?token={TOKEN}"
+    warm_target = max(1, int(RSS_WARM_FRACTION * expected))
+    warm_at = None
+    conn = psycopg2.connect(db_url)
+    conn.autocommit = True
+    try:
+        with RssSampler(workers) as rss, conn.cursor() as cur:
+            started = time.monotonic()
+            fired_at = time.time()
+            for channel in channels:
+                r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
+                                                 "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
+                if r.status_code not in (200, 202):
+                    raise RuntimeError(f"listener answered {r.status_code}: {r.text[:300]}")
+            deadline = started + timeout
+            while (done := sent_so_far(cur, campaign_id)) < expected:
+                if warm_at is None and done >= warm_target:
+                    warm_at = time.monotonic()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"campaign {campaign_id}: {done}/{expected} sent after {timeout:.0f}s")
+                for w in workers:
+                    w.check()
+                time.sleep(POLL_INTERVAL)
+            seconds = time.monotonic() - started
+        rss.sample()  # the end
+        profile = rss_profile(rss.history, warm_at if warm_at is not None else time.monotonic())
+        with conn.cursor() as cur:  # checks, outside the timing
+            runs_deadline = time.monotonic() + 30
+            while True:
+                cur.execute("SELECT status, count(*) FROM campaign_runs WHERE campaign_id = %s GROUP BY status",
+                            (campaign_id,))
+                runs_by_status = dict(cur.fetchall())
+                if runs_by_status == {"done": len(channels)} or time.monotonic() > runs_deadline:
+                    break
+                time.sleep(0.2)
+            cur.execute("SELECT status, count(*) FROM sends WHERE campaign_id = %s GROUP BY status", (campaign_id,))
+            by_status = dict(cur.fetchall())
+    finally:
+        conn.close()
+    after = session.get(ledger_url, timeout=30).json()
+    peer = check_peer(session, ledger_url, spec)
+    delta = {name: after[name] - before[name] for name in ("applied", "duplicate_sends", "early", "rejected")}
+    ok = (peer["sent_once"] == expected and peer["missing"] == 0 and peer["duplicates"] == 0
+          and peer["early"] == 0 and peer["rejected"] == 0 and peer["unexpected"] == 0
+          and peer["wrong_template"] == peer["wrong_time"] == peer["wrong_attributes"] == 0
+          and delta == {"applied": expected, "duplicate_sends": 0, "early": 0, "rejected": 0}
+          and by_status == {"sent": expected} and runs_by_status == {"done": len(channels)})
+    first, last = peer.pop("first_received_at"), peer.pop("last_applied_at")
+    return {
+        "customers_per_channel": n, "channels": list(channels), "expected_sends": expected,
+        "seconds": round(seconds, 3), "sends_per_s": round(expected / seconds, 1),
+        "us_per_send": round(1e6 * seconds / expected, 2),
+        "first_send_at_peer_s": round(first - fired_at, 3) if first is not None else None,
+        "last_send_at_peer_s": round(last - fired_at, 3) if last is not None else None,
+        "rss": profile, "peer": peer, "peer_counters_delta": delta, "postgres_by_status": by_status,
+        "runs_by_status": runs_by_status, "ok": ok,
+    }
+
+
+RAW_SENDS_TABLE = """
+    CREATE TABLE {t} (
+        id bigserial PRIMARY KEY, campaign_id bigint NOT NULL, channel_id bigint NOT NULL,
+        customer_id text NOT NULL, template_id bigint NOT NULL, scope bigint NOT NULL DEFAULT 0,
+        notification_id bigint, run_id bigint, source text NOT NULL,
+        attributes jsonb NOT NULL DEFAULT '{{}}', promo_codes jsonb NOT NULL DEFAULT '[]',
+        scheduled_time timestamptz, idempotency_key text NOT NULL,
+        status text NOT NULL DEFAULT 'claimed', attempts integer NOT NULL DEFAULT 0,
+        reference text, reason text, created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT {t}_once UNIQUE (campaign_id, channel_id, customer_id, template_id, scope))"""
+
+
+def send_pages(spec: dict, page_size: int):
+    """Per Optimove page, in channel order, the relay's own claim columns: (fixed, varying) as `repo.claim`
+    gets them from `Sends.columns` (rows parsed by flow 1's `sends_of_page`, idempotency keys included)."""
+    from types import SimpleNamespace
+
+    from shared.flows.ledger import Scope
+    from shared.flows.scheduled_send import sends_of_page
+    from shared.flows.sends import SENDS
+    from shared.settings import ChannelConfig
+
+    channels = spec["channels"]
+    settings = SimpleNamespace(optimove_timezone="UTC", channels=ChannelConfig(
+        roles={c: "send" for c in channels}, attributes={c: SEND_ATTRIBUTES for c in channels}))
+    n = spec["customers_per_channel"]
+    for channel in channels:
+        run = {"id": None, "campaign_id": spec["campaign_id"], "channel_id": channel}
+        for skip in range(0, n, page_size):
+            rows = campaigns.send_rows(spec, channel, skip, page_size, SEND_ATTRIBUTES)
+            scope = Scope(spec["campaign_id"], channel, SEND_SOURCE)
+            yield scope.fixed(), SENDS.columns(scope, sends_of_page(rows, run, settings))
+
+
+def raw_send_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int, channels: tuple[int, ...],
+                         method: str) -> dict:
+    """Rows/s of inserting the campaign's send rows into a fresh sends-shaped table, one page per statement and
+    commit: `method` "execute_values" (`INSERT … VALUES … ON CONFLICT DO NOTHING RETURNING id`, as the grant
+    baseline) or "unnest" (the relay's `INSERT … SELECT FROM unnest(arrays) … ON CONFLICT DO NOTHING RETURNING`).
+    Only the statements and commits are timed; each page's rows are built before its statement."""
+    spec = send_campaign_spec(campaign_id, channels, n)
+    table = f"bench_raw_sends_{method}"
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute(RAW_SENDS_TABLE.format(t=table))
+            conn.commit()
+            rows = inserted = 0
+            seconds = 0.0
+            for fixed, varying in send_pages(spec, page_size):
+                size = len(next(iter(varying.values()))[1])
+                names = [*fixed, *varying, "status"]
+                if method == "execute_values":
+                    columns = [[v] * size for v in fixed.values()] + [vals for _, vals in varying.values()]
+                    page = list(zip(*columns, ["claimed"] * size))
+                    t0 = time.monotonic()
+                    got = execute_values(cur, f"""
+                        INSERT INTO {table} ({", ".join(names)}) VALUES %s
+                        ON CONFLICT ON CONSTRAINT {table}_once DO NOTHING RETURNING id""",
+                        page, page_size=max(1, size), fetch=True)
+                else:
+                    select = ", ".join(["%s"] * len(fixed) + [f"u.{name}" for name in varying])
+                    arrays = ", ".join(f"%s::{pg_type}[]" for pg_type, _ in varying.values())
+                    params = (*fixed.values(), *(list(values) for _, values in varying.values()))
+                    t0 = time.monotonic()
+                    cur.execute(f"""
+                        INSERT INTO {table} ({", ".join(names)})
+                        SELECT {select}, CASE WHEN u.scheduled_time > now() THEN 'waiting' ELSE 'claimed' END
+                        FROM unnest({arrays}) AS u({", ".join(varying)})
+                        ON CONFLICT ON CONSTRAINT {table}_once DO NOTHING RETURNING id, status""", params)
+                    got = cur.fetchall()
+                conn.commit()
+                seconds += time.monotonic() - t0
+                rows += size
+                inserted += len(got)
+            cur.execute(f"DROP TABLE {table}")
+            conn.commit()
+    finally:
+        conn.close()
+    return {"method": method, "rows": rows, "inserted": inserted, "seconds": round(seconds, 3),
+            "rows_per_s": round(rows / seconds, 1) if seconds else None}
 
 
 # --- the benchmark ------------------------------------------------------------------------------

@@ -188,8 +188,12 @@ def run_send_campaign(listener_url: str, optimove_url: str, send_admin_url: str,
                       spread: float = 60.0, due_now_fraction: float = 0.5, timezone: str = "UTC",
                       with_seconds: bool = True, attribute_form: str = "mixed", overlap: float = 0.0,
                       campaign_id: int | None = None, timeout: float = 120.0,
-                      progress: Callable[[float, dict], None] | None = None) -> dict:
+                      progress: Callable[[float, dict], None] | None = None, start: float | None = None) -> dict:
     """Run one send campaign end to end through the relay and return the summary dict.
+
+    ``start`` is the campaign's clock (epoch seconds): when its first sends are due, default now. A
+    start in the past stands for a campaign whose notifications arrive late, so some sends are
+    already due and the rest fall due within the run.
 
     ``attributes`` are the names the relay asks Optimove for (its channel config): one list for
     every channel or a mapping channel -> list; ``timezone`` must be the relay's
@@ -207,7 +211,7 @@ def run_send_campaign(listener_url: str, optimove_url: str, send_admin_url: str,
     """
     rng = random.Random()
     campaign_id = campaign_id or rng.randint(100000, 999999)
-    start = time.time()
+    start = time.time() if start is None else start
     spec = campaigns.validate_spec(send_spec(campaign_id, channels, customers_per_channel, start, spread,
                                              due_now_fraction, templates, timezone, with_seconds,
                                              attribute_form, overlap))

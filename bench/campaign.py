@@ -609,8 +609,29 @@ def raw_send_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int, 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
+def channel_ids(role: str, count: int) -> tuple[int, ...]:
+    """The campaign's channels: 504, 505, 506 … (bonus) or 610, 611, 612 … (send)."""
+    first = (CHANNELS if role == "bonus" else SEND_CHANNELS)[0]
+    return tuple(first + i for i in range(count))
+
+
+def campaign_sizes(args) -> list[int]:
+    """Customers per channel, one campaign each: `--sizes`, else `--customers`, else the role's default."""
+    if args.sizes:
+        return [int(s) for s in args.sizes.split(",")]
+    if args.customers is not None:
+        return [args.customers]
+    if args.sizes is None and args.role == "bonus":
+        return list(BONUS_SIZES)
+    return [BONUS_CUSTOMERS if args.role == "bonus" else SEND_CUSTOMERS]
+
+
 def run(args) -> dict:
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.customers]
+    return run_send(args) if args.role == "send" else run_bonus(args)
+
+
+def run_bonus(args) -> dict:
+    sizes, channels = campaign_sizes(args), channel_ids("bonus", args.channels)
     tmp = Path(tempfile.mkdtemp(prefix="relay-campaign-bench-"))
     results, raw = [], []
     with ExitStack() as stack:
@@ -625,9 +646,10 @@ def run(args) -> dict:
         if not warm["ok"]:
             raise RuntimeError(f"warm-up campaign wrong: {warm}")
         for i, n in enumerate(sizes, start=1):
-            raw.append(raw_insert_rate(db_url, n, args.page_size, campaign_id + i))
+            raw.append(raw_insert_rate(db_url, n, args.page_size, campaign_id + i, channels))
             try:
-                results.append(run_campaign(base, sim, db_url, workers, campaign_id + i, n, args.timeout))
+                results.append(run_campaign(base, sim, db_url, workers, campaign_id + i, n, args.timeout,
+                                            channels))
             except Exception:
                 for g in workers:
                     print(f"--- {g.name} (tail) ---\n{g.tail()}", file=sys.stderr)
@@ -654,18 +676,20 @@ def run(args) -> dict:
                   "worker_concurrency": args.workers, "page_size": args.page_size,
                   "bonus_batch_size": args.batch_size, "rate_limit": args.rate_limit,
                   "promo_codes": f"{'+'.join(CODES)} for every {MULTI_CODE_EVERY}nd customer, {CODES[0]} otherwise",
-                  "overlap": OVERLAP, "channels": list(CHANNELS)},
+                  "overlap": OVERLAP, "channels": list(channels)},
         "command": " ".join(shlex.quote(a) for a in [exe, *sys.argv]),
     }
 
 
 def report(res: dict) -> str:
+    if res.get("role") == "send":
+        return report_send(res)
     s = res["setup"]
     lines = [f"command: {res['command']}",
              f"setup:   {s['cpus']} CPUs, {s['stores']}, {s['worker_processes']} worker process(es) x prefork "
              f"{s['worker_concurrency']}, page {s['page_size']}, bonus batch {s['bonus_batch_size']}, "
              f"rate limit {s['rate_limit']}",
-             f"         3 channels, 50% overlap, codes: {s['promo_codes']}",
+             f"         {len(s['channels'])} channels, 50% overlap, codes: {s['promo_codes']}",
              "",
              f"{'N/channel':>10}{'unique':>9}{'triples':>9}{'secs':>8}{'cust/s':>9}{'grants/s':>10}"
              f"{'us/cust':>9}{'raw rows/s':>12}{'ratio':>7}{'RSS child':>11}{'RSS tree':>10}  bonus ledger"]
@@ -686,15 +710,135 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def run_send(args) -> dict:
+    sizes, channels = campaign_sizes(args), channel_ids("send", args.channels)
+    tmp = Path(tempfile.mkdtemp(prefix="relay-campaign-bench-"))
+    results = []
+    with ExitStack() as stack:
+        if not args.keep_logs:
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        db_url, redis_url, _, notes = start_stores(tmp, stack, appendonly=True)
+        sim = start_simulator(tmp, stack, args.sim_rate_limit or args.rate_limit)
+        env = send_env(args, relay_env(args, db_url, redis_url, sim, tmp), sim, tmp, channels)
+        base, workers = start_relay(args, env, tmp, stack)
+        campaign_id = int(time.time()) % 10 ** 6 * 10
+        warm = run_send_campaign(base, sim, db_url, workers, campaign_id, WARMUP_CUSTOMERS, 120, channels)
+        if not warm["ok"]:
+            raise RuntimeError(f"warm-up send campaign wrong: {warm}")
+        for i, n in enumerate(sizes, start=1):
+            raw = {method: raw_send_insert_rate(db_url, n, args.page_size, campaign_id + i, channels, method)
+                   for method in ("execute_values", "unnest")}
+            try:
+                result = run_send_campaign(base, sim, db_url, workers, campaign_id + i, n, args.timeout, channels)
+            except Exception:
+                for g in workers:
+                    print(f"--- {g.name} (tail) ---\n{g.tail()}", file=sys.stderr)
+                raise
+            result["raw"] = raw
+            result["raw_rows_per_s"] = raw["execute_values"]["rows_per_s"]
+            result["ratio"] = round(result["sends_per_s"] / result["raw_rows_per_s"], 3)
+            result["ratio_vs_unnest"] = round(result["sends_per_s"] / raw["unnest"]["rows_per_s"], 3)
+            results.append(result)
+        if args.keep_logs:
+            print(f"logs in {tmp}", file=sys.stderr)
+    growth = round(results[-1]["us_per_send"] / results[0]["us_per_send"], 3)
+    rss_peak = max(r["rss"]["tree_max_mb"] for r in results)
+    targets = {
+        f"ratio>={TARGET_RATIO} at every size": all(r["ratio"] >= TARGET_RATIO for r in results),
+        f"worker RSS<{TARGET_RSS_MB}MB": rss_peak < TARGET_RSS_MB,
+        f"worker RSS flat (max <= RSS at {RSS_WARM_FRACTION:.0%} sent + {TARGET_RSS_FLAT_MB} MB) at every size":
+            all(r["rss"]["growth_after_warm_mb"] <= TARGET_RSS_FLAT_MB for r in results),
+    }
+    if len(results) > 1:
+        targets[f"per-send cost growth<={TARGET_GROWTH}x"] = growth <= TARGET_GROWTH
+    targets["exact counts"] = all(r["ok"] for r in results)
+    exe = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
+    return {
+        "role": "send", "sizes": results, "growth_per_send": growth, "targets": targets,
+        "setup": {"cpus": os.cpu_count(), "stores": ", ".join(notes), "worker_processes": args.worker_processes,
+                  "worker_concurrency": args.workers, "page_size": args.page_size,
+                  "send_batch_size": args.batch_size, "send_mode": "batch", "rate_limit": args.rate_limit,
+                  "channels": list(channels), "channel_config": send_channel_config(channels),
+                  "templates": list(SEND_TEMPLATES), "attributes": list(SEND_ATTRIBUTES),
+                  "attribute_form": SEND_ATTRIBUTE_FORM, "due_now_fraction": 1.0, "overlap": 0.0,
+                  "rss_interval_s": RSS_INTERVAL, "poll_interval_s": POLL_INTERVAL},
+        "command": " ".join(shlex.quote(a) for a in [exe, *sys.argv]),
+    }
+
+
+def report_send(res: dict) -> str:
+    s = res["setup"]
+    lines = [f"command: {res['command']}",
+             f"setup:   {s['cpus']} CPUs, {s['stores']}, {s['worker_processes']} worker process(es) x prefork "
+             f"{s['worker_concurrency']}, page {s['page_size']}, send batch {s['send_batch_size']} (SEND_MODE "
+             f"{s['send_mode']}), rate limit {s['rate_limit']}",
+             f"         flow 1 (pre-scheduled sends): {len(s['channels'])} send channel(s) "
+             f"{', '.join(map(str, s['channels']))}, no overlap, attributes {','.join(s['attributes'])} "
+             f"({s['attribute_form']} list/string form), templates {','.join(map(str, s['templates']))}, "
+             f"every send due now",
+             "",
+             f"{'N/channel':>10}{'sends':>9}{'secs':>8}{'sends/s':>9}{'us/send':>9}{'raw rows/s':>12}{'ratio':>7}"
+             f"{'1st@peer':>10}{'last@peer':>11}  send service / Postgres"]
+    for r in res["sizes"]:
+        p = r["peer"]
+        lines.append(f"{r['customers_per_channel']:>10}{r['expected_sends']:>9}{r['seconds']:>8.2f}"
+                     f"{r['sends_per_s']:>9.0f}{r['us_per_send']:>9.1f}{r['raw_rows_per_s']:>12.0f}"
+                     f"{r['ratio']:>7.3f}{r['first_send_at_peer_s']:>9.2f}s{r['last_send_at_peer_s']:>10.2f}s  "
+                     f"once {p['sent_once']}, dup {p['duplicates']}, early {p['early']}, missing {p['missing']} / "
+                     f"sent {r['postgres_by_status'].get('sent', 0)}"
+                     f"{'' if r['ok'] else '  WRONG COUNTS'}")
+    lines += ["", f"worker RSS, whole tree (largest pool child), sampled every {s['rss_interval_s']:g} s:"]
+    for r in res["sizes"]:
+        m = r["rss"]
+        lines.append(f"{r['customers_per_channel']:>10}: start {m['tree_start_mb']:.1f} ({m['child_start_mb']:.1f})"
+                     f", at {RSS_WARM_FRACTION:.0%} sent {m['tree_warm_mb']:.1f} ({m['child_warm_mb']:.1f})"
+                     f", max {m['tree_max_mb']:.1f} ({m['child_max_mb']:.1f})"
+                     f", end {m['tree_end_mb']:.1f} ({m['child_end_mb']:.1f}) MB"
+                     f"; max - at {RSS_WARM_FRACTION:.0%} = {m['growth_after_warm_mb']:+.1f} MB, {m['samples']} samples")
+    lines.append(f"RSS flat means: tree max <= tree RSS once {RSS_WARM_FRACTION:.0%} of the sends are recorded "
+                 f"(the first pages claimed and delivered) + {TARGET_RSS_FLAT_MB} MB")
+    lines.append("")
+    rows = " / ".join(str(r["raw"]["execute_values"]["rows"]) for r in res["sizes"])
+    lines.append("secs = first notification posted -> Postgres records the last send `sent` (runs' sent counters, "
+                 f"polled every {s['poll_interval_s'] * 1000:g} ms); 1st/last@peer = the fake send service's receive "
+                 "time of the first send / of the call that applied the last one, from the same start")
+    lines.append("raw = execute_values INSERT ... ON CONFLICT DO NOTHING RETURNING id of the same rows "
+                 f"({rows}: the relay's own parsed pages, keys and columns, built outside the timing), one page "
+                 "per statement and commit, fresh sends-shaped table (same columns, defaults and unique constraint, "
+                 "no secondary indexes), same server")
+    lines.append("raw unnest (the relay's own INSERT ... SELECT FROM unnest ... ON CONFLICT shape, for reference): "
+                 + ", ".join(f"{r['raw']['unnest']['rows_per_s']:.0f} rows/s (ratio {r['ratio_vs_unnest']:.3f})"
+                             for r in res["sizes"]))
+    lines.append("exactness: each expected (channel, customer, template) applied exactly once at the fake send "
+                 "service with its attributes and ScheduledTime, none early, rejected or unexpected; Postgres "
+                 "sends all `sent`, count = expected; every run `done`")
+    for r in res["sizes"]:
+        if not r["ok"]:
+            lines.append(f"  {r['customers_per_channel']}: peer {r['peer']}, counters {r['peer_counters_delta']}, "
+                         f"Postgres {r['postgres_by_status']}, runs {r['runs_by_status']}")
+    if len(res["sizes"]) > 1:
+        lines.append(f"per-send cost growth, largest vs smallest size: {res['growth_per_send']:.3f}x")
+    for name, met in res["targets"].items():
+        lines.append(f"target {name}: {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--customers", type=int, default=300_000, help="customers per channel (without --sizes)")
-    parser.add_argument("--sizes", default="100000,300000", help="comma-separated customers per channel; "
-                        "'' runs only --customers")
+    parser.add_argument("--role", choices=("bonus", "send"), default="bonus",
+                        help="bonus: flow 3 grants (504-506); send: flow 1 pre-scheduled sends (610-612)")
+    parser.add_argument("--customers", type=int, default=None,
+                        help="customers per channel, one campaign (without --sizes; default 300000 for bonus "
+                        "with --sizes '', 100000 for send)")
+    parser.add_argument("--sizes", default=None, help="comma-separated customers per channel, one campaign each "
+                        "(default 100000,300000 for bonus unless --customers is given; --customers for send)")
+    parser.add_argument("--channels", type=int, default=3, choices=range(1, 11), metavar="1..10",
+                        help="channels of the campaign (504.. for bonus, 610.. for send)")
     parser.add_argument("--workers", type=int, default=2, help="prefork concurrency of each worker process")
     parser.add_argument("--worker-processes", type=int, default=1, help="`relay worker` processes")
     parser.add_argument("--page-size", type=int, default=10_000, help="OPTIMOVE_PAGE_SIZE")
-    parser.add_argument("--batch-size", type=int, default=5000, help="BONUS_BATCH_SIZE")
+    parser.add_argument("--batch-size", type=int, default=5000, help="BONUS_BATCH_SIZE (SEND_BATCH_SIZE with "
+                        "--role send)")
     parser.add_argument("--rate-limit", default="100000/1s", help="OPTIMOVE_RATE_LIMIT (and the simulator's)")
     parser.add_argument("--sim-rate-limit", default=None, help="the simulator's --rate-limit if different")
     parser.add_argument("--log-level", default="info", help="RELAY_LOG_LEVEL of the relay processes")

@@ -120,8 +120,10 @@ def _int_list(text: str, hint: str) -> tuple[int, ...]:
 
 
 def _channel_entries(info: dict) -> dict[str, dict]:
-    """The relay's channel config from up.json: channel id -> {"role": ..., maybe "attributes": [...]}."""
-    return {str(key): value if isinstance(value, dict) else {"role": value}
+    """The relay's channel config from up.json: channel id -> {"role": ..., "attributes": [...]}."""
+    attributes = info.get("channel_attributes") or {}
+    return {str(key): {**(value if isinstance(value, dict) else {"role": value}),
+                       **({"attributes": attributes[str(key)]} if str(key) in attributes else {})}
             for key, value in (info.get("channels") or {}).items()}
 
 
@@ -136,8 +138,10 @@ def _send_attributes(info: dict, channels: tuple[int, ...], names: str | None):
                                      f"not 'send'", param_hint="--channels")
     if names is not None:
         return tuple(name.strip() for name in names.split(",") if name.strip())
-    return {channel: tuple(entries.get(str(channel), {}).get("attributes") or ("Email", "Country"))
-            for channel in channels}
+    if "channel_attributes" not in info:  # an up.json written before attributes were listed
+        return {channel: tuple(entries.get(str(channel), {}).get("attributes") or ("Email", "Country"))
+                for channel in channels}
+    return {channel: tuple(entries.get(str(channel), {}).get("attributes") or ()) for channel in channels}
 
 
 # the campaign driver's default channels; a real-time run prefers a channel of its own

@@ -178,6 +178,7 @@ class Supervisor:
         if self.attach_simulator:
             lines += ["  simulator: fake Optimove, bonus system and send service attached (no OPTIMOVE_API_URL set)",
                       "  try it   : relay simulate campaign" + self._data_dir_option(),
+                      "             relay simulate campaign --role send" + self._data_dir_option(),
                       "             relay simulate realtime --role send" + self._data_dir_option()]
         lines.append("Ctrl-C stops everything.")
         for line in lines:
@@ -186,6 +187,7 @@ class Supervisor:
             "url": base, "listener_url": f"{base}/optimove/events?token={token}",
             "admin_user": self.settings.admin_user, "admin_password": password,
             "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(), "channels": channels,
+            "channel_attributes": self._channel_attributes(),
             **getattr(self, "simulator_info", {}),
         }))
         (self.data_dir / "up.json").chmod(0o600)
@@ -227,6 +229,12 @@ class Supervisor:
             env["RELAY_CHANNEL_CONFIG"] = str(path)
             return {k: v["role"] for k, v in DEMO_CHANNELS["channels"].items()}
         return {str(k): v for k, v in self.settings.channels.roles.items()}
+
+    def _channel_attributes(self) -> dict[str, list[str]]:
+        """Channel id -> the customer attributes its send campaigns request (for the simulator's drivers)."""
+        if self.attach_simulator and not self.settings.channel_config_path:
+            return {k: v["attributes"] for k, v in DEMO_CHANNELS["channels"].items() if v.get("attributes")}
+        return {str(k): list(v) for k, v in self.settings.channels.attributes.items()}
 
     def _wait_ready(self, timeout: float = 60) -> None:
         web = next(c for c in self.children if c.name == "web")

@@ -79,6 +79,16 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert summary["granted_at_bonus_system"] == summary["expected_triples"] > 0
         assert summary["seconds"] < 60
 
+        sends = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "campaign", "--role", "send",
+                                "--data-dir", str(data_dir), "--customers", "600", "--spread", "6", "--json",
+                                "--timeout", "60"], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                               timeout=120)  # pre-scheduled sends (flow 1) out of the box
+        assert sends.returncode == 0, sends.stdout + sends.stderr + log_path.read_text()[-4000:]
+        send_summary = json.loads(sends.stdout)
+        assert send_summary["ok"] and send_summary["sent"] == send_summary["expected_sends"] == 600, send_summary
+        assert send_summary["early"] == 0 and send_summary["duplicates"] == 0 and send_summary["wrong_attributes"] == 0
+        assert info["channel_attributes"] == {"610": ["Email", "Country"]}
+
         for role in ("send", "bonus"):  # real-time triggers work out of the box too
             rt = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "realtime", "--data-dir",
                                  str(data_dir), "--role", role, "--rate", "10", "--duration", "2", "--json"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from hashlib import sha256
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -148,10 +149,18 @@ class Ledger:
         """Deliveries for claimed rows nobody touched for `RELAY_SWEEP_AFTER` (their task was lost)."""
         return self.deliveries(repo.claim_stale(conn, self.table, rt.settings.sweep_after_seconds), rt.settings)
 
-    def release_due(self, rt) -> list[Enqueue]:
-        """Deliveries for this ledger's waiting rows whose due time has come."""
-        with unit_of_work(rt.engine) as conn:
-            rows = repo.release_due(conn, self.table)
+    def release_due(self, rt, batch: int = 10_000, budget_s: float = 1.0) -> list[Enqueue]:
+        """Deliveries for this ledger's waiting rows whose due time has come: `batch` rows per transaction,
+        more transactions while rows keep coming, for up to `budget_s` (a campaign's sends may all fall
+        due at the same minute)."""
+        rows: list[tuple[int | None, int, str]] = []
+        started = time.monotonic()
+        while True:
+            with unit_of_work(rt.engine) as conn:
+                released = repo.release_due(conn, self.table, limit=batch)
+            rows += released
+            if len(released) < batch or time.monotonic() - started > budget_s:
+                break
         if rows:
             log.info("%d %s(s) due: released", len(rows), self.noun)
         return self.deliveries(rows, rt.settings)

@@ -304,3 +304,22 @@ def test_metrics_off_by_default_and_a_permanent_error_is_recorded(make_rt, db):
         cur.execute("SELECT metrics_reported_at, metrics_error FROM campaign_runs WHERE campaign_id = %s",
                     (CAMPAIGN + 1,))
         assert cur.fetchall() == [(None, "HTTP 403 Forbidden")]
+
+
+def test_many_sends_due_at_once_are_released_in_one_job_each_once(rt, db):
+    rt.optimove.audience[SEND] = audience(25, datetime.now(timezone.utc) + timedelta(hours=1))
+    run_notification(rt, notify(rt, SEND))
+    assert count(db, "SELECT count(*) FROM sends WHERE status = 'waiting'") == 25
+    shift_due_times(db, 3601)
+    released = SENDS.release_due(rt, batch=4)  # 7 transactions of at most 4 rows, in one job
+    assert sorted(i for e in released for i in e.args[1]) == sorted(
+        r[0] for r in _ids(db, "SELECT id FROM sends"))
+    assert SENDS.release_due(rt, batch=4) == []
+    drain(rt, released)
+    assert len(sent(rt)) == 25 and count(db, "SELECT status FROM campaign_runs") == "done"
+
+
+def _ids(db, sql: str) -> list[tuple]:
+    with db.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall()

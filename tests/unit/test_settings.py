@@ -151,3 +151,43 @@ def test_readme_documents_every_variable():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [env for env, _, _ in documented_variables() if f"`{env}`" not in readme]
     assert not missing, f"README.md configuration table lacks {missing}"
+
+
+def test_channel_config_reads_attributes_events_and_conditional(tmp_path):
+    path = tmp_path / "channels.json"
+    path.write_text('{"conditional": true, "channels": {"510": {"role": "send", "events": [13, 11], '
+                    '"attributes": ["Email", " Country "]}, "504": {"role": "bonus"}}}')
+    s = Settings.from_env({**GOOD, "RELAY_CHANNEL_CONFIG": str(path)})
+    assert s.channels.attribute_names(510) == ("Email", "Country")
+    assert s.channels.attribute_names(504) == () and s.channels.attribute_names(None) == ()
+    assert s.channels.events == {510: (13, 11)} and s.channels.conditional is True
+
+
+@pytest.mark.parametrize("entry, message", [
+    ('{"role": "send", "attributes": "Email"}', "'attributes' a list"),
+    ('{"role": "send", "attributes": ["Email", ""]}', "'attributes' a list"),
+    ('{"role": "send", "attributes": ["Email", "Email"]}', "distinct"),
+    ('{"role": "send", "attributes": ["A;B"]}', "without ';'"),
+    ('{"role": "send", "events": [12]}', "'events' a non-empty list of 11 and 13"),
+    ('{"role": "send", "events": []}', "'events' a non-empty list"),
+])
+def test_channel_config_names_the_bad_key(tmp_path, entry, message):
+    path = tmp_path / "channels.json"
+    path.write_text('{"channels": {"510": %s}}' % entry)
+    with pytest.raises(SettingsError, match="channel '510'") as info:
+        Settings.from_env({**GOOD, "RELAY_CHANNEL_CONFIG": str(path)})
+    assert message in str(info.value)
+
+
+def test_timezone_and_release_interval_are_checked():
+    s = Settings.from_env({**GOOD, "OPTIMOVE_TIMEZONE": "Europe/London", "RELAY_RELEASE_INTERVAL": "0.5",
+                           "OPTIMOVE_REPORT_METRICS": "yes"})
+    assert (s.optimove_timezone, s.release_interval_seconds, s.optimove_report_metrics) == \
+        ("Europe/London", 0.5, True)
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({**GOOD, "OPTIMOVE_TIMEZONE": "Mars/Olympus", "RELAY_RELEASE_INTERVAL": "6",
+                           "OPTIMOVE_REPORT_METRICS": "sometimes"})
+    text = str(info.value)
+    assert "OPTIMOVE_TIMEZONE: expected an IANA time zone" in text
+    assert "RELAY_RELEASE_INTERVAL: expected a number >= 0.2 and <= 5" in text
+    assert "OPTIMOVE_REPORT_METRICS: expected true or false" in text

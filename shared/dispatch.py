@@ -25,7 +25,9 @@ SEND_BATCH = "relay.send_batch"
 SWEEP = "relay.sweep"
 RELEASE_DUE = "relay.release_due"
 REPORT_METRICS = "relay.report_metrics"
-TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP, RELEASE_DUE, REPORT_METRICS)
+REPORT_STATUSES = "relay.report_statuses"
+TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP, RELEASE_DUE, REPORT_METRICS,
+         REPORT_STATUSES)
 
 REALTIME_EVENT_TYPES = (11,)
 REALTIME_SOURCE = "realtime"  # the `source` of real-time ledger rows: their deliveries stay on REALTIME
@@ -74,6 +76,12 @@ def release_due() -> Enqueue:
 def report_metrics(run_id: int, attempt: int = 1, countdown: float | None = None) -> Enqueue:
     """The task that reports a finished send run's metrics to Optimove."""
     return Enqueue(REPORT_METRICS, (run_id, attempt), NOTIFICATIONS, countdown)
+
+
+def report_statuses(run_id: int, countdown: float | None = None) -> Enqueue:
+    """The task that reports a conditional run's customer statuses to Optimove (a short task racing a
+    deadline: on the notifications queue, not behind campaigns' grant batches)."""
+    return Enqueue(REPORT_STATUSES, (run_id,), NOTIFICATIONS, countdown)
 
 
 def deliveries(task: str, rows: Iterable[tuple[int | None, int, str]], size: int) -> list[Enqueue]:

@@ -94,17 +94,19 @@ def count_notifications(conn: Connection) -> int:
 
 RUN_COLUMNS = ("id, notification_id, flow, campaign_id, channel_id, status, cursor, fetch_done, pages_fetched, "
                "fetched, claimed, duplicates_skipped, granted, sent, rejected, failed, attempts, last_error, "
-               "created_at, updated_at, finished_at, metrics_reported_at, metrics_error")
+               "created_at, updated_at, finished_at, metrics_reported_at, metrics_error, deadline, "
+               "reported_true, reported_false, expired")
 
 
 def create_run(conn: Connection, notification_id: int, flow: str, campaign_id: int,
-               channel_id: int | None) -> tuple[int, bool]:
-    """One run per (notification, flow); return (run id, created)."""
+               channel_id: int | None, deadline: Any = None) -> tuple[int, bool]:
+    """One run per (notification, flow); return (run id, created). `deadline` bounds a conditional run."""
     row = conn.execute(sa.text("""
-        INSERT INTO campaign_runs (notification_id, flow, campaign_id, channel_id)
-        VALUES (:n, :flow, :campaign, :channel)
+        INSERT INTO campaign_runs (notification_id, flow, campaign_id, channel_id, deadline)
+        VALUES (:n, :flow, :campaign, :channel, :deadline)
         ON CONFLICT (notification_id, flow) DO NOTHING RETURNING id"""),
-        {"n": notification_id, "flow": flow, "campaign": campaign_id, "channel": channel_id}).first()
+        {"n": notification_id, "flow": flow, "campaign": campaign_id, "channel": channel_id,
+         "deadline": deadline}).first()
     if row:
         return row.id, True
     return conn.execute(sa.text("SELECT id FROM campaign_runs WHERE notification_id = :n AND flow = :flow"),
@@ -137,6 +139,23 @@ def touch_run(conn: Connection, run_id: int, error: str | None = None, count_att
         WHERE id = :id RETURNING attempts"""), {"id": run_id, "e": error, "count": count_attempt}).scalar_one()
 
 
+def end_run(conn: Connection, run_id: int, status: str, reason: str) -> None:
+    """End a running run with `status` (e.g. `deadline_missed`) and a reason."""
+    conn.execute(sa.text("""
+        UPDATE campaign_runs SET status = :s, last_error = :r, updated_at = now(), finished_at = now()
+        WHERE id = :id AND status = 'running'"""), {"id": run_id, "s": status, "r": reason[:2000]})
+
+
+def run_deadline(conn: Connection, run_id: int) -> Any:
+    """The run's deadline (None for runs without one)."""
+    return conn.execute(sa.text("SELECT deadline FROM campaign_runs WHERE id = :id"), {"id": run_id}).scalar()
+
+
+def database_now(conn: Connection) -> Any:
+    """Postgres' clock: the one clock every deadline and due time is judged by."""
+    return conn.execute(sa.text("SELECT now()")).scalar_one()
+
+
 def fail_run(conn: Connection, run_id: int, reason: str) -> None:
     """Park a run whose pages cannot be fetched (permanent error or too many attempts)."""
     conn.execute(sa.text("""
@@ -146,14 +165,112 @@ def fail_run(conn: Connection, run_id: int, reason: str) -> None:
 
 def finish_run_if_complete(conn: Connection, run_id: int) -> dict[str, Any] | None:
     """Mark a run `done` once all pages are fetched and no row of it, in any ledger, is still in flight
-    (claimed, or waiting for its due time); return the finished run's id, flow and sent count, else None."""
-    in_flight = " AND ".join(f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = '{s}')"
-                             for t in LEDGER_TABLES for s in t.in_flight)
+    (claimed, or waiting for its due time) and no customer status of it is unreported (`deadline_missed`
+    instead when a deadline expired some of its grants); return the finished run's id, flow, sent count
+    and status, else None."""
+    in_flight = " AND ".join([f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = '{s}')"
+                              for t in LEDGER_TABLES for s in t.in_flight]
+                             + ["NOT EXISTS (SELECT 1 FROM promotion_statuses WHERE run_id = :id AND reported_at IS NULL)"])
     row = conn.execute(sa.text(f"""
-        UPDATE campaign_runs SET status = 'done', finished_at = now(), updated_at = now()
+        UPDATE campaign_runs SET finished_at = now(), updated_at = now(),
+               status = CASE WHEN expired > 0 THEN 'deadline_missed' ELSE 'done' END
         WHERE id = :id AND status = 'running' AND fetch_done AND {in_flight}
-        RETURNING id, flow, sent"""), {"id": run_id}).first()
+        RETURNING id, flow, sent, status"""), {"id": run_id}).first()
     return dict(row._mapping) if row else None
+
+
+# -- deadlines and promotion statuses (conditional runs) ------------------------------------
+
+def deadline_near(conn: Connection, run_id: int, margin_s: float) -> Any:
+    """The run's deadline if it is less than `margin_s` seconds away (Postgres' clock) or past; else None."""
+    return conn.execute(sa.text("""
+        SELECT deadline FROM campaign_runs
+        WHERE id = :id AND deadline IS NOT NULL AND deadline <= now() + make_interval(secs => :m)"""),
+        {"id": run_id, "m": margin_s}).scalar()
+
+
+def expire_claimed(conn: Connection, run_id: int, ids: Sequence[int] | None, reason: str) -> list[int]:
+    """Mark the run's claimed grants (all, or those among `ids`) `expired`: never sent. Counted on the run."""
+    rows = [r[0] for r in conn.execute(sa.text(f"""
+        UPDATE grants SET status = 'expired', reason = :reason, updated_at = now()
+        WHERE run_id = :run AND status = 'claimed' {"AND id = ANY(:ids)" if ids is not None else ""}
+        RETURNING id"""), {"run": run_id, "reason": reason, "ids": list(ids or [])})]
+    if rows:
+        conn.execute(sa.text("UPDATE campaign_runs SET expired = expired + :n, updated_at = now() WHERE id = :id"),
+                     {"id": run_id, "n": len(rows)})
+    return rows
+
+
+def record_promotion_statuses(conn: Connection, run_id: int, campaign_id: int, customers: Sequence[str]) -> int:
+    """Record the outcome of each of `customers` whose codes in the campaign are all settled: true when every
+    code was granted. Customers already recorded are left alone. Returns how many were recorded."""
+    if not customers:
+        return 0
+    return conn.execute(sa.text("""
+        INSERT INTO promotion_statuses (run_id, campaign_id, customer_id, status)
+        SELECT :run, :campaign, g.customer_id, bool_and(g.status = 'granted')
+        FROM grants g
+        WHERE g.campaign_id = :campaign AND g.scope = 0 AND g.customer_id = ANY(:customers)
+        GROUP BY g.customer_id
+        HAVING bool_and(g.status <> 'claimed')
+        ON CONFLICT DO NOTHING"""), {"run": run_id, "campaign": campaign_id, "customers": list(customers)}).rowcount
+
+
+def unreported_statuses(conn: Connection, run_id: int, limit: int) -> list[tuple[str, bool]]:
+    """Up to `limit` (customer, status) of the run not reported yet, locked (others skip them)."""
+    return [tuple(r) for r in conn.execute(sa.text("""
+        SELECT customer_id, status FROM promotion_statuses
+        WHERE run_id = :run AND reported_at IS NULL
+        ORDER BY created_at, customer_id LIMIT :limit FOR UPDATE SKIP LOCKED"""), {"run": run_id, "limit": limit})]
+
+
+def mark_reported(conn: Connection, run_id: int, statuses: Sequence[tuple[str, bool]]) -> None:
+    """Record that `statuses` reached Optimove; count them on the run."""
+    conn.execute(sa.text("""
+        UPDATE promotion_statuses SET reported_at = now()
+        WHERE run_id = :run AND customer_id = ANY(:customers) AND reported_at IS NULL"""),
+        {"run": run_id, "customers": [c for c, _ in statuses]})
+    conn.execute(sa.text("""
+        UPDATE campaign_runs SET reported_true = reported_true + :t, reported_false = reported_false + :f,
+               updated_at = now() WHERE id = :id"""),
+        {"id": run_id, "t": sum(1 for _, s in statuses if s), "f": sum(1 for _, s in statuses if not s)})
+
+
+def runs_to_report(conn: Connection, older_than_s: float, at_least: int) -> list[int]:
+    """Running runs before their deadline with unreported statuses: `at_least` of them, or one older than
+    `older_than_s`, or any once nothing of the run is left to settle."""
+    return [r[0] for r in conn.execute(sa.text("""
+        SELECT r.id FROM campaign_runs r
+        JOIN LATERAL (SELECT count(*) AS n, min(created_at) AS oldest FROM promotion_statuses p
+                      WHERE p.run_id = r.id AND p.reported_at IS NULL) u ON u.n > 0
+        WHERE r.status = 'running' AND r.deadline IS NOT NULL AND r.deadline > now()
+          AND (u.n >= :least OR u.oldest < now() - make_interval(secs => :age)
+               OR (r.fetch_done AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.run_id = r.id AND g.status = 'claimed')))
+        ORDER BY r.deadline"""), {"least": at_least, "age": older_than_s})]
+
+
+def close_overdue_runs(conn: Connection) -> list[dict[str, Any]]:
+    """Running runs whose deadline has passed: their claimed grants become `expired`, and each run ends
+    `done` if everything was fetched and settled, else `deadline_missed`. Returns the closed runs."""
+    closed = []
+    for (run_id,) in conn.execute(sa.text("""
+            SELECT id FROM campaign_runs WHERE status = 'running' AND deadline IS NOT NULL AND deadline <= now()
+            ORDER BY id FOR UPDATE SKIP LOCKED""")).fetchall():
+        expired = expire_claimed(conn, run_id, None, "ClearanceRequiredBy passed before the grant was sent")
+        row = conn.execute(sa.text(f"""
+            UPDATE campaign_runs r SET finished_at = now(), updated_at = now(),
+                   status = CASE WHEN r.fetch_done AND :expired = 0 AND NOT EXISTS (
+                                     SELECT 1 FROM promotion_statuses p WHERE p.run_id = r.id AND p.reported_at IS NULL)
+                                 THEN 'done' ELSE 'deadline_missed' END
+            WHERE r.id = :id RETURNING {RUN_COLUMNS}"""), {"id": run_id, "expired": len(expired)}).first()
+        closed.append(dict(row._mapping))
+    return closed
+
+
+def unreported_count(conn: Connection, run_id: int) -> int:
+    """Customer statuses of the run that never reached Optimove."""
+    return conn.execute(sa.text(
+        "SELECT count(*) FROM promotion_statuses WHERE run_id = :id AND reported_at IS NULL"), {"id": run_id}).scalar_one()
 
 
 def runs_for_campaign(conn: Connection, campaign_id: int) -> list[dict[str, Any]]:

@@ -29,13 +29,16 @@ def campaign_status(conn, campaign_id: int) -> dict:
             "seconds": round(seconds, 3),
             "metrics_reported_at": r["metrics_reported_at"].isoformat() if r["metrics_reported_at"] else None,
             "metrics_error": r["metrics_error"],
+            "deadline": r["deadline"].isoformat() if r["deadline"] else None,
+            "reported_true": r["reported_true"], "reported_false": r["reported_false"], "expired": r["expired"],
         })
     ledgers = {t.name: repo.ledger_counts(conn, t, campaign_id) for t in repo.LEDGER_TABLES}
     # a real-time campaign has ledger rows but no runs: it is running while a row is in flight
     statuses = {r["status"] for r in runs} or {"running" if counts.get("claimed") or counts.get("waiting") else "done"
                                                for counts in ledgers.values() if counts}
     overall = ("unknown" if not statuses else "running" if "running" in statuses
-               else "failed" if "failed" in statuses else "done")
+               else "failed" if "failed" in statuses
+               else "deadline_missed" if "deadline_missed" in statuses else "done")
     return {"campaign_id": campaign_id, "status": overall, "runs": out_runs,
             "totals": {k: sum(r[k] for r in out_runs) for k in (*COUNTS, "waiting")},
             "ledger": ledgers["grants"], "ledgers": ledgers}

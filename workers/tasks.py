@@ -6,7 +6,7 @@ from celery import Celery, shared_task
 from shared import dispatch
 from shared.broker import publish
 from shared.db import once_more_if_stale
-from shared.flows import inbox, paging, runs, sweeper
+from shared.flows import conditional, inbox, paging, runs, sweeper
 from shared.flows.grants import GRANTS
 from shared.flows.routing import FLOWS
 from shared.flows.sends import SENDS
@@ -59,6 +59,12 @@ def release_due_task(self) -> None:
 def report_metrics_task(self, run_id: int, attempt: int = 1) -> None:
     """Report a finished send run's sends per template to Optimove."""
     _run(self, runs.report_metrics, run_id, attempt, run_id=run_id)
+
+
+@shared_task(name=dispatch.REPORT_STATUSES, bind=True)
+def report_statuses_task(self, run_id: int) -> None:
+    """Report a conditional run's customer statuses to Optimove."""
+    _run(self, conditional.report_statuses, run_id, run_id=run_id)
 
 
 def register(app: Celery) -> None:

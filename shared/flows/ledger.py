@@ -107,6 +107,8 @@ class Ledger:
         """Send the still-claimed rows among `ids` to the peer and record each result."""
         with unit_of_work(rt.engine) as conn:
             claimed = repo.claimed_rows(conn, self.table, ids)
+            if claimed and run_id is not None:
+                claimed = runs.before_delivery(rt, conn, self.table, run_id, claimed)
             if not claimed:
                 return runs.finish(rt, conn, run_id) if run_id is not None else []
         return self.deliver_claimed(rt, run_id, claimed)
@@ -134,7 +136,9 @@ class Ledger:
         with unit_of_work(rt.engine) as conn:
             settled = repo.settle(conn, self.table, run_id, done=done, rejected=rejected, retry=retry,
                                   max_attempts=self.max_attempts(rt.settings))
-            finished = runs.finish(rt, conn, run_id) if run_id is not None and not settled.retry_ids else []
+            finished = runs.after_settle(rt, conn, run_id, claimed) if run_id is not None else []
+            if run_id is not None and not settled.retry_ids:
+                finished += runs.finish(rt, conn, run_id)
         log.info("%ss of run %s: %d %s, %d rejected, %d failed, %d to retry", self.noun, run_id, settled.done,
                  self.table.done, settled.rejected, settled.failed, len(settled.retry_ids))
         if not settled.retry_ids:
@@ -142,8 +146,8 @@ class Ledger:
         # equal jitter: the default 8 attempts span at least 60 s, so a peer down for a minute loses nothing
         wait = backoff(1 + max(row.attempts for row in claimed), cap=30, floor=0.5)
         source = {row.id: row.source for row in claimed}
-        return [dataclasses.replace(item, countdown=wait) for item in
-                self.deliveries(((run_id, i, source[i]) for i in settled.retry_ids), rt.settings)]
+        return finished + [dataclasses.replace(item, countdown=wait) for item in
+                           self.deliveries(((run_id, i, source[i]) for i in settled.retry_ids), rt.settings)]
 
     def stale(self, rt, conn) -> list[Enqueue]:
         """Deliveries for claimed rows nobody touched for `RELAY_SWEEP_AFTER` (their task was lost)."""

@@ -43,6 +43,13 @@ def fetch_next_page(rt, run_id: int, flows: Mapping[str, Flow]) -> list[Enqueue]
             return []
         if run["fetch_done"]:
             return runs.finish(rt, conn, run_id)
+        # a run with a deadline stops fetching while there is still time to report what it granted
+        margin = rt.settings.optimove_rate_limit.seconds + 5.0
+        if run["deadline"] is not None and repo.deadline_near(conn, run_id, margin) is not None:
+            repo.touch_run(conn, run_id, error=f"stopped fetching at {run['cursor']}: the deadline is less than "
+                                               f"{margin:g} s away, the time left goes to status reports")
+            log.warning("run %s stops fetching at %d: its deadline is near", run_id, run["cursor"])
+            return []
     pages = flows[run["flow"]].pages
     skip, top = run["cursor"], rt.settings.optimove_page_size
     with log_context(run_id=run_id, campaign_id=run["campaign_id"]):

@@ -19,7 +19,7 @@ def finish(rt, conn, run_id: int) -> list[Enqueue]:
     finished = repo.finish_run_if_complete(conn, run_id)
     if finished is None:
         return []
-    log.info("run %s (%s) done", run_id, finished["flow"])
+    log.info("run %s (%s) %s", run_id, finished["flow"], finished["status"])
     if finished["sent"] and rt.settings.optimove_report_metrics:
         return [dispatch.report_metrics(run_id)]
     return []
@@ -66,4 +66,37 @@ def _metrics_failed(rt, run_id: int, reason: str) -> list[Enqueue]:
     log.error("metrics report of run %s failed: %s", run_id, reason)
     with unit_of_work(rt.engine) as conn:
         repo.mark_metrics(conn, run_id, error=reason)
+    return []
+
+
+# -- runs with a deadline (conditional execution) --------------------------------------------
+
+EXPIRED = "ClearanceRequiredBy is too close: the grant was not sent"
+REPORT_CHUNK = 10_000  # UpdateCustomerPromotionStatus takes at most 10,000 customers per call
+
+
+def before_delivery(rt, conn, table, run_id: int, claimed: list) -> list:
+    """The rows to deliver: a run's deadline that a bonus call might overrun expires them instead (a grant
+    that lands after ClearanceRequiredBy would give a customer a campaign Optimove did not schedule)."""
+    if table is not repo.GRANTS:
+        return claimed
+    if repo.deadline_near(conn, run_id, rt.settings.bonus_timeout + 1) is None:
+        return claimed
+    expired = set(repo.expire_claimed(conn, run_id, [row.id for row in claimed], EXPIRED))
+    if expired:
+        log.warning("run %s: %d grant(s) expired: the deadline is too close to send them", run_id, len(expired))
+        repo.record_promotion_statuses(conn, run_id, claimed[0].values["campaign_id"],
+                                       sorted({row.values["customer_id"] for row in claimed if row.id in expired}))
+    return [row for row in claimed if row.id not in expired]
+
+
+def after_settle(rt, conn, run_id: int, claimed: list) -> list[Enqueue]:
+    """For a run with a deadline, record the outcome of each customer of a settled batch whose codes are all
+    settled; a full report's worth goes out at once, the rest with the next tick (`conditional.tick`)."""
+    if not claimed or repo.run_deadline(conn, run_id) is None:
+        return []
+    repo.record_promotion_statuses(conn, run_id, claimed[0].values["campaign_id"],
+                                   sorted({row.values["customer_id"] for row in claimed}))
+    if repo.unreported_count(conn, run_id) >= REPORT_CHUNK:
+        return [dispatch.report_statuses(run_id)]
     return []

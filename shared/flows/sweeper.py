@@ -11,7 +11,7 @@ import logging
 from shared import dispatch, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
-from shared.flows import runs
+from shared.flows import conditional, runs
 from shared.flows.grants import GRANTS
 from shared.flows.sends import SENDS
 
@@ -42,11 +42,12 @@ def sweep(rt) -> list[Enqueue]:
 
 
 def release_due(rt) -> list[Enqueue]:
-    """Deliveries for ledger rows whose due time has come (each row released once, by Postgres' clock)."""
+    """Beat's frequent job (every `RELAY_RELEASE_INTERVAL`): deliveries for ledger rows whose due time has
+    come (each released once, by Postgres' clock); runs with a deadline closed or reported (`conditional.tick`)."""
     out: list[Enqueue] = []
     for ledger in LEDGERS:
         out += ledger.release_due(rt)
-    return out
+    return out + conditional.tick(rt)
 
 
 def redrive_campaign(rt, campaign_id: int) -> tuple[int, dict[str, int], list[Enqueue]]:

@@ -126,9 +126,11 @@ class OptimoveClient:
         """GET a function; returns the decoded JSON (None for an empty 200)."""
         return self._call("GET", category, function, params, None)
 
-    def post(self, category: str, function: str, body: Any, params: Mapping[str, Any] | None = None) -> Any:
-        """POST `body` as JSON; returns the decoded JSON (None for an empty 200)."""
-        return self._call("POST", category, function, params, body)
+    def post(self, category: str, function: str, body: Any, params: Mapping[str, Any] | None = None,
+             priority: bool = False) -> Any:
+        """POST `body` as JSON; returns the decoded JSON (None for an empty 200). A `priority` call (a
+        status report racing a deadline) takes the next free rate-limit slot before ordinary calls."""
+        return self._call("POST", category, function, params, body, priority)
 
     def fetch_page(self, category: str, function: str, params: Mapping[str, Any] | None,
                    skip: int, top: int) -> list[dict]:
@@ -153,9 +155,9 @@ class OptimoveClient:
             skip += len(page)
 
     def _call(self, method: str, category: str, function: str,
-              params: Mapping[str, Any] | None, body: Any) -> Any:
+              params: Mapping[str, Any] | None, body: Any, priority: bool = False) -> Any:
         if self.limiter is not None:
-            wait = self.limiter.try_acquire()
+            wait = self.limiter.try_acquire(priority) if priority else self.limiter.try_acquire()
             if wait > 0:
                 raise RateLimited(wait)
         url = self.url(category, function)

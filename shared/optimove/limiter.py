@@ -19,22 +19,38 @@ from typing import Callable
 
 from shared.settings import RateLimit, Secret
 
+# ARGV[4] = '1' for a priority caller (a conditional run's status report). A priority caller that
+# finds the window full leaves a mark (KEYS[2]) until the next slot frees up; while the mark is
+# there, ordinary callers get no slot, so the next free slot goes to the report, not to a page.
 _SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local key = KEYS[1]
+local mark = KEYS[2]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
+local priority = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-if redis.call('ZCARD', key) < limit then
+local waiting = (not priority) and redis.call('EXISTS', mark) == 1
+if redis.call('ZCARD', key) < limit and not waiting then
   redis.call('ZADD', key, now, t[1] .. '-' .. t[2] .. ':' .. ARGV[3])
   redis.call('PEXPIRE', key, math.ceil(window / 1000) + 1)
+  if priority then redis.call('DEL', mark) end
   return {0, now}
 end
-local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-local wait = tonumber(oldest[2]) + window - now
-if wait < 1 then wait = 1 end
+local wait = 1000
+if redis.call('ZCARD', key) >= limit then
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  wait = tonumber(oldest[2]) + window - now
+  if wait < 1 then wait = 1 end
+end
+if priority then
+  redis.call('SET', mark, '1', 'PX', math.ceil(wait / 1000) + 200)
+elseif waiting then
+  local left = redis.call('PTTL', mark)
+  if left > 0 then wait = left * 1000 end
+end
 return {wait, now}
 """
 
@@ -63,21 +79,23 @@ class RateLimiter:
     def __repr__(self) -> str:
         return f"RateLimiter(key={self.key!r}, limit={self.limit})"
 
-    def try_acquire_at(self) -> tuple[float, float]:
+    def try_acquire_at(self, priority: bool = False) -> tuple[float, float]:
         """Like `try_acquire`, also returning the Redis server time (epoch seconds) of the attempt."""
-        wait_us, now_us = self._script(keys=[self.key],
-                                       args=[self.limit.count, self._window_us, uuid.uuid4().hex])
+        wait_us, now_us = self._script(keys=[self.key, self.key + ":priority"],
+                                       args=[self.limit.count, self._window_us, uuid.uuid4().hex,
+                                             "1" if priority else "0"])
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
-    def try_acquire(self) -> float:
-        """Take a slot: 0.0 if taken (send now), else the seconds until one frees up (> 0)."""
-        return self.try_acquire_at()[0]
+    def try_acquire(self, priority: bool = False) -> float:
+        """Take a slot: 0.0 if taken (send now), else the seconds until one frees up (> 0). A `priority`
+        caller that has to wait holds back ordinary callers until it got its slot."""
+        return self.try_acquire_at(priority)[0]
 
-    def acquire(self, deadline_s: float) -> bool:
+    def acquire(self, deadline_s: float, priority: bool = False) -> bool:
         """Wait (sleeping the returned waits, never spinning) up to `deadline_s` seconds from now for a slot."""
         end = self._clock() + deadline_s
         while True:
-            wait = self.try_acquire()
+            wait = self.try_acquire(priority)
             if wait == 0.0:
                 return True
             if self._clock() + wait > end:
@@ -105,8 +123,9 @@ class LocalRateLimiter:
     def __repr__(self) -> str:
         return f"LocalRateLimiter(limit={self.limit})"
 
-    def try_acquire(self) -> float:
-        """Take a slot: 0.0 if taken (send now), else the seconds until one frees up (> 0)."""
+    def try_acquire(self, priority: bool = False) -> float:
+        """Take a slot: 0.0 if taken (send now), else the seconds until one frees up (> 0). (One process
+        has no competing callers to hold back: `priority` changes nothing here.)"""
         with self._lock:
             now = self._clock()
             while self._grants and self._grants[0] <= now - self._window:
@@ -116,11 +135,11 @@ class LocalRateLimiter:
                 return 0.0
             return max(self._grants[0] + self._window - now, 1e-6)
 
-    def acquire(self, deadline_s: float) -> bool:
+    def acquire(self, deadline_s: float, priority: bool = False) -> bool:
         """Wait (sleeping the returned waits) up to `deadline_s` seconds from now for a slot."""
         end = self._clock() + deadline_s
         while True:
-            wait = self.try_acquire()
+            wait = self.try_acquire(priority)
             if wait == 0.0:
                 return True
             if self._clock() + wait > end:

@@ -253,13 +253,13 @@ def test_poison_notification_parked_after_max_attempts(rt, db):
 
 def test_unbuilt_event_types_ignored_with_reason(database_url, redis_url, db, tmp_path):
     rt = Runtime(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url))
-    n = parse_notification({"EventTypeID": 5, "CampaignID": 1, "ClearanceRequiredBy": "2026-11-27 10:00"})
+    n = parse_notification({"EventTypeID": 4, "TimeStamp": "2026-11-27 10:00", "CampaignID": 1})
     with unit_of_work(rt.engine) as conn:
-        nid5 = repo.insert_notification(conn, n, "{}")[0]
-    inbox.process_notification(rt, nid5)
+        nid4 = repo.insert_notification(conn, n, "{}")[0]
+    inbox.process_notification(rt, nid4)
     with db.cursor() as cur:
         cur.execute("SELECT id, status, last_error FROM notifications ORDER BY id")
-        assert cur.fetchall() == [(nid5, "ignored", "EventTypeID 5: flow 4 (conditional execution) is not built yet")]
+        assert cur.fetchall() == [(nid4, "ignored", "EventTypeID 4: cancellation is not built yet")]
     rt.engine.dispose()
 
 

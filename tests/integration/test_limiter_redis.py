@@ -81,3 +81,19 @@ def test_limit_holds_across_threads_and_processes(redis_client, redis_url):
     theoretical = LIMIT.count * math.ceil(span / LIMIT.seconds)
     assert len(grants) >= 0.9 * theoretical, (len(grants), theoretical)
     print(f"{len(grants)} grants of {theoretical} possible in {span:.2f}s")
+
+
+def test_a_waiting_priority_caller_gets_the_next_free_slot_before_ordinary_callers(redis_client):
+    from tests.conftest import poll
+
+    prefix = f"test:priority:{uuid.uuid4().hex}"
+    limiter = RateLimiter(redis_client, Secret("priority-key"), RateLimit(2, 1.0), prefix=prefix, margin=0.0)
+    assert limiter.try_acquire() == 0.0 and limiter.try_acquire() == 0.0  # the window is full
+    wait, asked_at = limiter.try_acquire_at(priority=True)
+    assert 0 < wait <= 1.0  # the report waits, and holds ordinary callers back meanwhile
+    # the window's clock is Redis' own: wait until it has passed the moment a slot frees up
+    poll(lambda: float(redis_client.time()[0]) + redis_client.time()[1] / 1e6 > asked_at + wait + 0.01, 3,
+         message="a slot to free up")
+    assert limiter.try_acquire() > 0, "an ordinary caller took the slot the report was waiting for"
+    assert poll(lambda: limiter.try_acquire(priority=True) == 0.0, 3, message="the report's slot")
+    assert limiter.try_acquire() == 0.0  # with the report served, ordinary callers go on

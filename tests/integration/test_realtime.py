@@ -211,7 +211,7 @@ def test_routes_of_the_five_flows():
     names = {(e, c): (ROUTER.flow_for(ROUTER.route(e, c, S)) or Flow("-", "", None)).name
              for e, c in ((13, BONUS), (13, SEND), (11, BONUS), (11, SEND), (5, None), (4, None))}
     assert names == {(13, BONUS): "scheduled_bonus", (13, SEND): "scheduled_send", (11, BONUS): "realtime_bonus",
-                     (11, SEND): "realtime_send", (5, None): "-", (4, None): "-"}
+                     (11, SEND): "realtime_send", (5, None): "conditional", (4, None): "-"}
     assert ROUTER.unrouted_reason(ROUTER.route(4, 504, S)) == "EventTypeID 4: cancellation is not built yet"
 
 

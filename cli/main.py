@@ -204,7 +204,7 @@ def campaigns_redrive(campaign_id: int) -> None:
     runs, rows, items = redrive_campaign(app.relay_runtime, campaign_id)
     publish(app, items)
     click.echo(f"campaign {campaign_id}: resuming {runs} failed run(s), re-sending {rows['grants']} failed "
-               f"grant(s) and {rows['sends']} failed send(s)")
+               f"grant(s), {rows['sends']} failed send(s) and {rows['revokes']} failed revoke(s)")
 
 
 from cli.simulate import simulate  # noqa: E402

@@ -26,8 +26,9 @@ SWEEP = "relay.sweep"
 RELEASE_DUE = "relay.release_due"
 REPORT_METRICS = "relay.report_metrics"
 REPORT_STATUSES = "relay.report_statuses"
+REVOKE_BATCH = "relay.revoke_batch"
 TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP, RELEASE_DUE, REPORT_METRICS,
-         REPORT_STATUSES)
+         REPORT_STATUSES, REVOKE_BATCH)
 
 REALTIME_EVENT_TYPES = (11,)
 REALTIME_SOURCE = "realtime"  # the `source` of real-time ledger rows: their deliveries stay on REALTIME

@@ -95,7 +95,7 @@ def count_notifications(conn: Connection) -> int:
 RUN_COLUMNS = ("id, notification_id, flow, campaign_id, channel_id, status, cursor, fetch_done, pages_fetched, "
                "fetched, claimed, duplicates_skipped, granted, sent, rejected, failed, attempts, last_error, "
                "created_at, updated_at, finished_at, metrics_reported_at, metrics_error, deadline, "
-               "reported_true, reported_false, expired")
+               "reported_true, reported_false, expired, revoked, cancelled")
 
 
 def create_run(conn: Connection, notification_id: int, flow: str, campaign_id: int,
@@ -316,7 +316,10 @@ GRANTS = LedgerTable("grants", "granted", "grants_once_per_scope",
 SENDS = LedgerTable("sends", "sent", "sends_once_per_scope",
                     ("campaign_id", "channel_id", "customer_id", "template_id", "attributes", "promo_codes",
                      "scheduled_time", "notification_id", "scope"), due_column="scheduled_time")
-LEDGER_TABLES = (GRANTS, SENDS)
+REVOKES = LedgerTable("revokes", "revoked", "revokes_once_per_grant",
+                      ("campaign_id", "channel_id", "customer_id", "promo_code", "grant_id", "grant_reference",
+                       "notification_id", "scope"))
+LEDGER_TABLES = (GRANTS, SENDS, REVOKES)
 
 
 class Claimed(list):
@@ -445,7 +448,8 @@ def settle(conn: Connection, table: LedgerTable, run_id: int | None, *, done: Se
         cur.execute(f"""
             UPDATE {table.name} t SET status = '{table.done}', reference = v.ref, attempts = t.attempts + 1,
                    reason = NULL, updated_at = now()
-            FROM unnest(%s::bigint[], %s::text[]) AS v(id, ref) WHERE t.id = v.id AND t.status = 'claimed'""",
+            FROM unnest(%s::bigint[], %s::text[]) AS v(id, ref)
+            WHERE t.id = v.id AND t.status IN ('claimed', 'cancelled', 'expired')""",
                     ([i for i, _ in done], [ref for _, ref in done]))
         out.done = cur.rowcount
     if rejected:
@@ -512,6 +516,83 @@ def waiting_per_run(conn: Connection, campaign_id: int) -> dict[int, int]:
     return {r: n for r, n in conn.execute(sa.text(
         "SELECT run_id, count(*) FROM sends WHERE campaign_id = :c AND status = 'waiting' AND run_id IS NOT NULL "
         "GROUP BY run_id"), {"c": campaign_id})}
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+def cancel_pending(conn: Connection, campaign_id: int, reason: str) -> dict[str, int]:
+    """Stop a campaign's pending work: running runs `cancelled` (paging stops), claimed grants and claimed or
+    waiting sends `cancelled` (never delivered). Returns how many of each."""
+    runs = conn.execute(sa.text("""
+        UPDATE campaign_runs SET status = 'cancelled', last_error = :r, finished_at = now(), updated_at = now()
+        WHERE campaign_id = :c AND status = 'running' RETURNING id"""), {"c": campaign_id, "r": reason}).fetchall()
+    out = {"runs": len(runs)}
+    for table in (GRANTS, SENDS):
+        rows = conn.execute(sa.text(f"""
+            UPDATE {table.name} SET status = 'cancelled', reason = :r, updated_at = now()
+            WHERE campaign_id = :c AND status IN ('claimed', 'waiting') RETURNING run_id"""),
+            {"c": campaign_id, "r": reason}).fetchall()
+        out[table.name] = len(rows)
+        per_run: dict[int, int] = {}
+        for (run_id,) in rows:
+            if run_id is not None:
+                per_run[run_id] = per_run.get(run_id, 0) + 1
+        for run_id, n in per_run.items():
+            conn.execute(sa.text("UPDATE campaign_runs SET cancelled = cancelled + :n WHERE id = :id"),
+                         {"id": run_id, "n": n})
+    return out
+
+
+def add_cancelled_customers(conn: Connection, campaign_id: int, customers: Sequence[str]) -> None:
+    """Remember the customers on a campaign's cancellation list."""
+    if customers:
+        conn.execute(sa.text("""
+            INSERT INTO cancelled_customers (campaign_id, customer_id)
+            SELECT :c, unnest(CAST(:customers AS text[])) ON CONFLICT DO NOTHING"""),
+            {"c": campaign_id, "customers": list(customers)})
+
+
+def granted_to(conn: Connection, campaign_id: int, customers: Sequence[str],
+               cancelled_only: bool = False) -> list[tuple]:
+    """(grant id, customer, code, reference) of the campaign's granted grants to `customers` (with
+    `cancelled_only`, only those on its cancellation list), that no revoke claimed yet."""
+    if not customers:
+        return []
+    listed = ("AND EXISTS (SELECT 1 FROM cancelled_customers x WHERE x.campaign_id = g.campaign_id "
+              "AND x.customer_id = g.customer_id)") if cancelled_only else ""
+    return [tuple(r) for r in conn.execute(sa.text(f"""
+        SELECT g.id, g.customer_id, g.promo_code, g.reference FROM grants g
+        WHERE g.campaign_id = :c AND g.customer_id = ANY(:customers) AND g.status = 'granted' {listed}
+          AND NOT EXISTS (SELECT 1 FROM revokes r WHERE r.grant_id = g.id)
+        ORDER BY g.id"""), {"c": campaign_id, "customers": list(customers)})]
+
+
+def unrevoked_cancelled_grants(conn: Connection, limit: int = 10_000) -> dict[int, list[str]]:
+    """Campaign -> customers on its cancellation list holding a granted grant that no revoke claimed (a grant
+    that settled after the list was read)."""
+    out: dict[int, list[str]] = {}
+    for campaign_id, customer_id in conn.execute(sa.text("""
+            SELECT DISTINCT g.campaign_id, g.customer_id FROM grants g
+            JOIN cancelled_customers x ON x.campaign_id = g.campaign_id AND x.customer_id = g.customer_id
+            WHERE g.status = 'granted' AND NOT EXISTS (SELECT 1 FROM revokes r WHERE r.grant_id = g.id)
+            LIMIT :limit"""), {"limit": limit}):
+        out.setdefault(campaign_id, []).append(customer_id)
+    return out
+
+
+def cancellation_run(conn: Connection, campaign_id: int) -> int | None:
+    """The latest cancellation run of a campaign, if it was cancelled."""
+    return conn.execute(sa.text("""
+        SELECT max(id) FROM campaign_runs WHERE campaign_id = :c AND flow = 'cancellation'"""),
+        {"c": campaign_id}).scalar()
+
+
+def set_grant_status(conn: Connection, grant_ids: Sequence[int], status: str, reason: str | None = None) -> None:
+    """Record a revoke's effect on its grants (`revoked`, `revoke_unsupported`)."""
+    if grant_ids:
+        conn.execute(sa.text("""
+            UPDATE grants SET status = :s, reason = COALESCE(:r, reason), updated_at = now()
+            WHERE id = ANY(:ids) AND status = 'granted'"""), {"s": status, "r": reason, "ids": list(grant_ids)})
 
 
 # -- metrics reports -----------------------------------------------------------------------

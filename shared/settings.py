@@ -291,6 +291,8 @@ class Settings:
     bonus_concurrency: int = _opt("BONUS_CONCURRENCY", _int(1, 256), 16)
     bonus_max_attempts: int = _opt("BONUS_MAX_ATTEMPTS", _int(1, 100), 8)
     bonus_timeout: float = _opt("BONUS_TIMEOUT", _float(0.1), 10.0)
+    bonus_revoke_url: str | None = _opt("BONUS_REVOKE_URL", _url(("http", "https")),
+                                        doc="bonus system endpoint that revokes grants of cancelled campaigns")
     bonus_auth_header: Secret | None = _opt("BONUS_AUTH_HEADER", _header, doc="'Name: value' sent to the bonus system")
     send_adapter: str = _opt("SEND_ADAPTER", None, "http", "send adapter name: http, log, fake or an entry point")
     send_url: str | None = _opt("SEND_URL", _url(("http", "https")), doc="marketing platform send endpoint")

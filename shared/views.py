@@ -31,6 +31,7 @@ def campaign_status(conn, campaign_id: int) -> dict:
             "metrics_error": r["metrics_error"],
             "deadline": r["deadline"].isoformat() if r["deadline"] else None,
             "reported_true": r["reported_true"], "reported_false": r["reported_false"], "expired": r["expired"],
+            "revoked": r["revoked"], "cancelled": r["cancelled"],
         })
     ledgers = {t.name: repo.ledger_counts(conn, t, campaign_id) for t in repo.LEDGER_TABLES}
     # a real-time campaign has ledger rows but no runs: it is running while a row is in flight
@@ -38,7 +39,8 @@ def campaign_status(conn, campaign_id: int) -> dict:
                                                for counts in ledgers.values() if counts}
     overall = ("unknown" if not statuses else "running" if "running" in statuses
                else "failed" if "failed" in statuses
-               else "deadline_missed" if "deadline_missed" in statuses else "done")
+               else "deadline_missed" if "deadline_missed" in statuses
+               else "cancelled" if "cancelled" in statuses else "done")
     return {"campaign_id": campaign_id, "status": overall, "runs": out_runs,
             "totals": {k: sum(r[k] for r in out_runs) for k in (*COUNTS, "waiting")},
             "ledger": ledgers["grants"], "ledgers": ledgers}

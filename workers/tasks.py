@@ -8,6 +8,7 @@ from shared.broker import publish
 from shared.db import once_more_if_stale
 from shared.flows import conditional, inbox, paging, runs, sweeper
 from shared.flows.grants import GRANTS
+from shared.flows.revokes import REVOKES
 from shared.flows.routing import FLOWS
 from shared.flows.sends import SENDS
 from shared.logs import log_context
@@ -41,6 +42,12 @@ def grant_batch_task(self, run_id: int | None, grant_ids: list[int]) -> None:
 def send_batch_task(self, run_id: int | None, send_ids: list[int]) -> None:
     """Deliver a batch of claimed sends to the send service."""
     _run(self, SENDS.deliver, run_id, send_ids, run_id=run_id)
+
+
+@shared_task(name=dispatch.REVOKE_BATCH, bind=True)
+def revoke_batch_task(self, run_id: int | None, revoke_ids: list[int]) -> None:
+    """Deliver a batch of claimed revokes to the bonus system."""
+    _run(self, REVOKES.deliver, run_id, revoke_ids, run_id=run_id)
 
 
 @shared_task(name=dispatch.SWEEP, bind=True)

@@ -40,6 +40,26 @@ class GrantItem:
                 "notification_id": self.notification_id}
 
 
+REVOKE_STATUSES = ("revoked", "rejected", "retry")
+
+
+@dataclass(frozen=True)
+class RevokeItem:
+    """One grant to take back (its campaign was cancelled); `reference` is the bonus system's grant reference."""
+
+    idempotency_key: str
+    campaign_id: int
+    customer_id: str
+    promo_code: str
+    reference: str | None
+    grant_id: int = 0  # ours, not sent
+
+    def to_json(self) -> dict[str, Any]:
+        """The item as the JSON object the bonus system receives."""
+        return {"idempotency_key": self.idempotency_key, "campaign_id": self.campaign_id,
+                "customer_id": self.customer_id, "promo_code": self.promo_code, "reference": self.reference}
+
+
 class BonusAdapter(Protocol):
     """What the grant machinery needs from a bonus system."""
 
@@ -66,9 +86,48 @@ class HttpBonusAdapter(HttpAdapter):
     success = "granted"
     statuses = STATUSES
 
+    revoker: "HttpRevokeAdapter | None" = None
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The grant adapter of `BONUS_*`; with `BONUS_REVOKE_URL` it can also revoke."""
+        adapter = super().from_settings(settings)
+        if settings.bonus_revoke_url:
+            adapter.revoker = HttpRevokeAdapter(settings.bonus_revoke_url, "batch", settings.bonus_batch_size,
+                                                settings.bonus_concurrency, settings.bonus_timeout,
+                                                settings.bonus_auth_header)
+        return adapter
+
+    @property
+    def can_revoke(self) -> bool:
+        """Whether `BONUS_REVOKE_URL` is set."""
+        return self.revoker is not None
+
     def grant(self, items: list[GrantItem]) -> list[GrantResult]:
         """Grant `items`: batch mode posts chunks of `batch_size`, single mode one call per item."""
         return self.deliver(items)
+
+    def revoke(self, items: list[RevokeItem]) -> list[ItemResult]:
+        """Revoke `items`: `POST BONUS_REVOKE_URL {"revokes": [...]}` in chunks of `BONUS_BATCH_SIZE`."""
+        if self.revoker is None:
+            raise RuntimeError("BONUS_REVOKE_URL is not set")
+        return self.revoker.deliver(items)
+
+    def close(self) -> None:
+        """Release the grant and revoke connections."""
+        super().close()
+        if self.revoker is not None:
+            self.revoker.close()
+
+
+class HttpRevokeAdapter(HttpAdapter):
+    """The revoke endpoint: `{"revokes": [{"idempotency_key", "campaign_id", "customer_id", "promo_code",
+    "reference"}]}` answered `{"results": [{"idempotency_key", "status": "revoked"|"rejected"|"retry"}]}`."""
+
+    prefix = "bonus"
+    envelope = "revokes"
+    success = "revoked"
+    statuses = REVOKE_STATUSES
 
 
 class FakeBonusAdapter(FakeAdapter):
@@ -86,9 +145,28 @@ class FakeBonusAdapter(FakeAdapter):
         """Reject every future grant of `promo_code` with `reason`."""
         self.reject(promo_code, reason)
 
+    can_revoke = True
+
     def grant(self, items: list[GrantItem]) -> list[GrantResult]:
         """Apply each item once per idempotency key; repeats answer `granted` with the first reference."""
         return self.deliver(items)
+
+    def revoke(self, items: list[RevokeItem]) -> list[ItemResult]:
+        """Revoke each item once per key (`revoked` records them); a grant never applied is `rejected`."""
+        with self._lock:
+            if not hasattr(self, "revoked"):
+                self.revoked: dict[str, RevokeItem] = {}
+                self.revoke_calls: list[list[RevokeItem]] = []
+            self.revoke_calls.append(list(items))
+            applied = {(i.campaign_id, i.customer_id, i.promo_code) for i in self.applied.values()}
+            out = []
+            for item in items:
+                if (item.campaign_id, item.customer_id, item.promo_code) not in applied:
+                    out.append(ItemResult(item.idempotency_key, "rejected", reason="no such grant"))
+                    continue
+                self.revoked.setdefault(item.idempotency_key, item)
+                out.append(ItemResult(item.idempotency_key, "revoked", f"revoke-{len(self.revoked)}"))
+            return out
 
 
 _BUILTINS = {"http": HttpBonusAdapter.from_settings, "fake": FakeBonusAdapter.from_settings}

@@ -10,6 +10,7 @@ from typing import Any
 from shared import dispatch, repository as repo
 from shared.adapters.bonus import GrantItem
 from shared.flows.ledger import Ledger, Scope
+from shared.flows.revokes import REVOKES
 from shared.optimove.rows import customer_codes
 
 
@@ -33,6 +34,17 @@ class Grants(Ledger):
 
     def call(self, rt, items: list[GrantItem]) -> list:
         return rt.bonus.grant(items)
+
+    def settled(self, rt, conn, run_id, claimed):
+        """A batch that was in flight when its campaign was cancelled: what it granted to customers on the
+        cancellation list is revoked too."""
+        campaign_id = claimed[0].values["campaign_id"]
+        cancellation = repo.cancellation_run(conn, campaign_id)
+        if cancellation is None:
+            return []
+        scope = Scope(campaign_id, None, "cancellation", run_id=cancellation)
+        ids = REVOKES.claim_late(conn, scope, [row.values["customer_id"] for row in claimed])
+        return REVOKES.deliveries(((cancellation, i, "cancellation") for i in ids), rt.settings)
 
 
 GRANTS = Grants()

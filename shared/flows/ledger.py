@@ -81,6 +81,10 @@ class Ledger:
         """Hand `items` to the peer's adapter; one result per item."""
         raise NotImplementedError
 
+    def settled(self, rt, conn, run_id: int | None, claimed: list[repo.ClaimedRow]) -> list[Enqueue]:
+        """Work that follows a settled batch (inside its transaction); none by default."""
+        return []
+
     # -- the machinery ---------------------------------------------------------------------
 
     def batch_size(self, settings) -> int:
@@ -136,7 +140,8 @@ class Ledger:
         with unit_of_work(rt.engine) as conn:
             settled = repo.settle(conn, self.table, run_id, done=done, rejected=rejected, retry=retry,
                                   max_attempts=self.max_attempts(rt.settings))
-            finished = runs.after_settle(rt, conn, run_id, claimed) if run_id is not None else []
+            finished = self.settled(rt, conn, run_id, claimed)
+            finished += runs.after_settle(rt, conn, run_id, claimed) if run_id is not None else []
             if run_id is not None and not settled.retry_ids:
                 finished += runs.finish(rt, conn, run_id)
         log.info("%ss of run %s: %d %s, %d rejected, %d failed, %d to retry", self.noun, run_id, settled.done,

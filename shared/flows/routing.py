@@ -2,7 +2,7 @@
 
     13 + bonus -> flow 3 (scheduled_bonus)     13 + send -> flow 1 (scheduled_send)
     11 + bonus -> flow 5 (realtime_bonus)      11 + send -> flow 2 (realtime_send)
-     5         -> flow 4 (conditional)          4        -> cancellation (planned)
+     5         -> flow 4 (conditional)          4        -> cancellation (cancel)
 
 A second registration of a route is an error when this module is imported, never a silent
 overwrite. Routes of flows not built yet answer with a reason (the notification is `ignored`).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from shared.flows import conditional, realtime_bonus, realtime_send, scheduled_bonus, scheduled_send
+from shared.flows import cancel, conditional, realtime_bonus, realtime_send, scheduled_bonus, scheduled_send
 from shared.flows.base import Flow
 
 CHANNEL_EVENTS = (11, 13)  # event types whose flow depends on the channel's role
@@ -78,6 +78,6 @@ ROUTER.add(13, "send", scheduled_send.FLOW)
 ROUTER.add(11, "bonus", realtime_bonus.FLOW)
 ROUTER.add(11, "send", realtime_send.FLOW)
 ROUTER.add(5, None, conditional.FLOW)
-ROUTER.plan(4, None, "cancellation")
+ROUTER.add(4, None, cancel.FLOW)
 
 FLOWS: dict[str, Flow] = {flow.name: flow for flow in ROUTER.flows()}

@@ -13,11 +13,13 @@ from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows import conditional, runs
 from shared.flows.grants import GRANTS
+from shared.flows.ledger import Scope
+from shared.flows.revokes import REVOKES
 from shared.flows.sends import SENDS
 
 log = logging.getLogger(__name__)
 
-LEDGERS = (GRANTS, SENDS)
+LEDGERS = (GRANTS, SENDS, REVOKES)
 
 
 def sweep(rt) -> list[Enqueue]:
@@ -34,10 +36,22 @@ def sweep(rt) -> list[Enqueue]:
                 out += runs.finish(rt, conn, run["id"])
         for ledger in LEDGERS:
             out += ledger.stale(rt, conn)
+        out += _late_revokes(rt, conn)
         if rt.settings.optimove_report_metrics:  # a report task lost with a worker or with Redis
             out += [dispatch.report_metrics(i) for i in repo.runs_with_metrics_due(conn, 5 * age)]
     if out:
         log.warning("sweeper re-drives %d task(s)", len(out))
+    return out
+
+
+def _late_revokes(rt, conn) -> list[Enqueue]:
+    """Revokes for grants to customers on a cancellation list that settled `granted` unseen (their batch and
+    the list's page committed at the same moment)."""
+    out: list[Enqueue] = []
+    for campaign_id, customers in repo.unrevoked_cancelled_grants(conn).items():
+        run_id = repo.cancellation_run(conn, campaign_id)
+        ids = REVOKES.claim_late(conn, Scope(campaign_id, None, "cancellation", run_id=run_id), customers)
+        out += REVOKES.deliveries(((run_id, i, "cancellation") for i in ids), rt.settings)
     return out
 
 

@@ -146,7 +146,7 @@ def test_temporary_errors_retry_then_park_the_run(rt, db):
         run = repo.get_run(conn, run_id)
     assert run["status"] == "failed" and "gave up after 3 attempts: 503 from Optimove" in run["last_error"]
     runs, rows, follow = sweeper.redrive_campaign(rt, 11)
-    assert (runs, rows) == (1, {"grants": 0, "sends": 0}) and follow == [dispatch.fetch_page(run_id)]
+    assert (runs, rows) == (1, {"grants": 0, "sends": 0, "revokes": 0}) and follow == [dispatch.fetch_page(run_id)]
     drain(rt, follow)
     assert count(db, "SELECT count(*) FROM campaign_runs WHERE id = %s AND status = 'done'", run_id) == 1
     assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = 11 AND status = 'granted'") == 10
@@ -253,13 +253,13 @@ def test_poison_notification_parked_after_max_attempts(rt, db):
 
 def test_unbuilt_event_types_ignored_with_reason(database_url, redis_url, db, tmp_path):
     rt = Runtime(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url))
-    n = parse_notification({"EventTypeID": 4, "TimeStamp": "2026-11-27 10:00", "CampaignID": 1})
+    n = parse_notification({"EventTypeID": 1, "TimeStamp": "2026-11-27 10:00", "CampaignID": 1})
     with unit_of_work(rt.engine) as conn:
-        nid4 = repo.insert_notification(conn, n, "{}")[0]
-    inbox.process_notification(rt, nid4)
+        nid1 = repo.insert_notification(conn, n, "{}")[0]
+    inbox.process_notification(rt, nid1)
     with db.cursor() as cur:
         cur.execute("SELECT id, status, last_error FROM notifications ORDER BY id")
-        assert cur.fetchall() == [(nid4, "ignored", "EventTypeID 4: cancellation is not built yet")]
+        assert cur.fetchall() == [(nid1, "ignored", "no flow handles EventTypeID 1")]
     rt.engine.dispose()
 
 

@@ -181,7 +181,7 @@ def test_failed_realtime_rows_are_parked_and_redriven(rt, db):
     assert SENDS.deliver(rt, *follow[0].args) == []
     assert count(db, "SELECT count(*) FROM sends WHERE status = 'failed' AND attempts = 3") == 1
     runs, rows, items = sweeper.redrive_campaign(rt, 9001)
-    assert (runs, rows) == (0, {"grants": 0, "sends": 1}) and items[0].queue == dispatch.REALTIME
+    assert (runs, rows) == (0, {"grants": 0, "sends": 1, "revokes": 0}) and items[0].queue == dispatch.REALTIME
     SENDS.deliver(rt, *items[0].args)
     assert count(db, "SELECT count(*) FROM sends WHERE status = 'sent'") == 1
 
@@ -211,8 +211,8 @@ def test_routes_of_the_five_flows():
     names = {(e, c): (ROUTER.flow_for(ROUTER.route(e, c, S)) or Flow("-", "", None)).name
              for e, c in ((13, BONUS), (13, SEND), (11, BONUS), (11, SEND), (5, None), (4, None))}
     assert names == {(13, BONUS): "scheduled_bonus", (13, SEND): "scheduled_send", (11, BONUS): "realtime_bonus",
-                     (11, SEND): "realtime_send", (5, None): "conditional", (4, None): "-"}
-    assert ROUTER.unrouted_reason(ROUTER.route(4, 504, S)) == "EventTypeID 4: cancellation is not built yet"
+                     (11, SEND): "realtime_send", (5, None): "conditional", (4, None): "cancellation"}
+    assert ROUTER.unrouted_reason(ROUTER.route(1, None, S)) == "no flow handles EventTypeID 1"
 
 
 def test_a_second_registration_of_a_route_is_an_error():
@@ -235,7 +235,7 @@ def test_status_view_of_a_realtime_campaign_comes_from_its_ledgers(rt, db):
     with unit_of_work(rt.engine) as conn:
         status = campaign_status(conn, 9001)
     assert status["runs"] == [] and status["status"] == "running"
-    assert status["ledgers"] == {"grants": {"granted": 2}, "sends": {"claimed": 1}}
+    assert status["ledgers"] == {"grants": {"granted": 2}, "sends": {"claimed": 1}, "revokes": {}}
     SENDS.deliver(rt, *retry[0].args)
     with unit_of_work(rt.engine) as conn:
         assert campaign_status(conn, 9001)["status"] == "done"

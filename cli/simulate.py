@@ -210,6 +210,69 @@ def realtime(data_dir: Path, rate: float, duration: float, role: str, channel: i
     sys.exit(0 if summary.get("ok") else 1)
 
 
+@simulate.command("conditional")
+@click.option("--data-dir", default=".relay", show_default=True, type=click.Path(path_type=Path),
+              help="data folder of the running `relay up`")
+@click.option("--customers", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="customers of the conditional campaign")
+@click.option("--deadline-in", default=60.0, show_default=True, type=click.FloatRange(min=1),
+              help="seconds from the notification to ClearanceRequiredBy")
+@click.option("--reject-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="every Kth customer also holds a code the fake bonus system rejects, so it must not be "
+                   "approved (0: none)")
+@click.option("--multi-code-every", default=2, show_default=True, type=click.IntRange(min=0),
+              help="every Nth customer holds two promo codes (0: none)")
+@click.option("--timezone", default="UTC", show_default=True, envvar="OPTIMOVE_TIMEZONE",
+              help="time zone ClearanceRequiredBy is written in; must be the relay's OPTIMOVE_TIMEZONE "
+                   "(read from it when set)")
+@click.option("--cancel-after", default=None, type=click.FloatRange(min=0),
+              help="cancel the campaign (EventTypeID 4) this many seconds after the notification")
+@click.option("--cancel-fraction", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              help="with --cancel-after: fraction of the customers cancelled")
+@click.option("--campaign-id", type=int, default=None, help="default: a random one")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="seconds to keep watching after the deadline (late reports and grants count)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def conditional(data_dir: Path, customers: int, deadline_in: float, reject_every: int, multi_code_every: int,
+                timezone: str, cancel_after: float | None, cancel_fraction: float, campaign_id: int | None,
+                timeout: float, as_json: bool) -> None:
+    """Play a conditional campaign (flow 4, EventTypeID 5) at the relay and check its approvals.
+
+    The relay must grant each customer's promo codes and report each customer with
+    UpdateCustomerPromotionStatus before ClearanceRequiredBy. The run fails when a customer that
+    could be granted is not approved in time, anything is approved or granted after the deadline,
+    a customer is approved without its grants, a report call exceeds 10,000 customers or the
+    relay exceeds Optimove's rate limit; with --cancel-after, also when a cancelled customer's
+    grant is not revoked, or revoked twice.
+    """
+    from simulator.conditional_driver import format_conditional_summary, run_conditional
+
+    info = _up_info(data_dir)
+    admin_url = info["simulator"].get("bonus_admin_url")
+    if not admin_url:
+        raise click.ClickException("the running simulator has no fake bonus system; restart `relay up`")
+    bar = None if as_json else click.progressbar(length=1000, label="approving", file=sys.stderr)
+
+    def progress(fraction: float, _status: dict) -> None:
+        if bar is not None:
+            bar.update(max(0, int(fraction * 1000) - bar.pos))
+
+    kwargs = dict(customers=customers, deadline_in=deadline_in, campaign_id=campaign_id,
+                  multi_code_every=multi_code_every, reject_every=reject_every, timezone=timezone,
+                  timeout=timeout, progress=progress, cancel_after=cancel_after, cancel_customers=cancel_fraction)
+    try:
+        if bar is not None:
+            with bar:
+                summary = run_conditional(info["listener_url"], info["simulator"]["optimove_url"], admin_url,
+                                          **kwargs)
+        else:
+            summary = run_conditional(info["listener_url"], info["simulator"]["optimove_url"], admin_url, **kwargs)
+    except (TimeoutError, RuntimeError, ValueError) as exc:  # ValueError: e.g. an unknown --timezone
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary, indent=2) if as_json else format_conditional_summary(summary))
+    sys.exit(0 if summary.get("ok") else 1)
+
+
 @simulate.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def serve(ctx: click.Context) -> None:

@@ -179,6 +179,7 @@ class Supervisor:
             lines += ["  simulator: fake Optimove, bonus system and send service attached (no OPTIMOVE_API_URL set)",
                       "  try it   : relay simulate campaign" + self._data_dir_option(),
                       "             relay simulate campaign --role send" + self._data_dir_option(),
+                      "             relay simulate conditional" + self._data_dir_option(),
                       "             relay simulate realtime --role send" + self._data_dir_option()]
         lines.append("Ctrl-C stops everything.")
         for line in lines:
@@ -216,6 +217,8 @@ class Supervisor:
                     "BONUS_ADAPTER": "http", "BONUS_URL": info["bonus_url"]})
         if env.get("BONUS_MODE") == "single":
             env["BONUS_URL"] = info["bonus_single_url"]
+        if not self.settings.bonus_revoke_url:
+            env["BONUS_REVOKE_URL"] = info["bonus_revoke_url"]
         if not self.settings.send_url:
             env.update({"SEND_ADAPTER": "http", "SEND_URL": info["send_url"]})
             if env.get("SEND_MODE") == "single":

@@ -8,6 +8,11 @@ when one ledger key is applied under two different idempotency keys.
 A ledger with ``timed`` also checks due times: items may carry ``due_at`` (epoch seconds, None
 for "now"); every item received before its due time counts as ``early``, and each ledger key's
 first receive minus its due time (0 when early) feeds the ``late_seconds`` percentiles.
+
+A ``revocable`` ledger also takes revokes (the bonus system's): a revoke names the ledger key
+of an applied item (``target_key``) and is applied at most once per idempotency key, like an
+item. Revoking a key that was never applied is rejected; revoking an already revoked key under
+another idempotency key answers ``revoked`` again but counts as a ``double_revokes``.
 """
 
 from __future__ import annotations
@@ -69,10 +74,15 @@ class Entry:
     due_at: float | None = None
     early: int = 0
     detail: Any = None
+    reference: str | None = None
+    revoked_at: float | None = None
+    revocations: int = 0
 
-    def to_json(self, key: tuple) -> dict:
+    def to_json(self, key: tuple, revocable: bool = False) -> dict:
         """The entry as listed by ``GET /_sim/ledger?full=1``; ``due_at`` and ``early`` only for
-        items with a due time, ``detail`` (a send's attributes) only when the item has one."""
+        items with a due time, ``detail`` (a send's attributes) only when the item has one, and in
+        a revocable ledger ``reference`` (of the first application), ``revoked``, ``revoked_at``
+        (when the first revoke arrived) and ``revocations`` (revokes applied, 1 at most when right)."""
         entry = {"key": list(key), "idempotency_key": self.idempotency_key,
                  "first_received_at": self.first_received_at, "applied_at": self.applied_at,
                  "applications": self.applications, "rejections": self.rejections, "source": self.source}
@@ -81,6 +91,9 @@ class Entry:
             entry["early"] = self.early
         if self.detail is not None:
             entry["detail"] = self.detail
+        if revocable:
+            entry.update(reference=self.reference, revoked=self.revoked_at is not None,
+                         revoked_at=self.revoked_at, revocations=self.revocations)
         return entry
 
 
@@ -106,6 +119,7 @@ class Ledger:
     reference_prefix: str = "BON"
     applied_status: str = "granted"
     timed: bool = False
+    revocable: bool = False
     results: dict[str, dict] = field(default_factory=dict)
     entries: dict[tuple, Entry] = field(default_factory=dict)
     applied: int = 0
@@ -119,6 +133,13 @@ class Ledger:
     _lateness: list[float] = field(default_factory=list)  # not yet merged into _lateness_sorted
     _lateness_sorted: list[float] = field(default_factory=list)
     _references: itertools.count = field(default_factory=lambda: itertools.count(1))
+    revoke_results: dict[str, dict] = field(default_factory=dict)
+    revoked: int = 0
+    double_revokes: int = 0
+    revokes_rejected: int = 0
+    revoke_calls: int = 0
+    revokes_received: int = 0
+    _revoke_references: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def _new_entry(self, item, now: float) -> Entry:
         due_at = getattr(item, "due_at", None)
@@ -171,15 +192,53 @@ class Ledger:
             if entry.applications == 0:
                 self.unique_keys += 1
                 entry.applied_at = received_at
+                entry.reference = result["reference"]
             entry.applications += 1
         self.results[item.idempotency_key] = result
+        return result, True
+
+    def receive_revokes(self, items: list, now: float) -> None:
+        """Count a revoke call (revokes do not create entries)."""
+        self.revoke_calls += 1
+        self.revokes_received += len(items)
+
+    def revoke(self, item, received_at: float | None = None) -> tuple[dict, bool]:
+        """Revoke the applied item ``item.target_key`` once per idempotency key; return (stored result,
+        is_new). Rejected when nothing was applied under that key, or when ``item.reference`` is given
+        and is not the reference of the first application."""
+        known = self.revoke_results.get(item.idempotency_key)
+        if known is not None:
+            return known, False
+        received_at = time.time() if received_at is None else received_at
+        entry = self.entries.get(item.target_key)
+        reason = None
+        if entry is None or not entry.applications:
+            reason = f"no {self.applied_status} item {list(item.target_key)} to revoke"
+        elif item.reference and item.reference != entry.reference:
+            reason = f"reference {item.reference} is not the reference {entry.reference} of {list(item.target_key)}"
+        if reason:
+            result = {"idempotency_key": item.idempotency_key, "status": "rejected", "reason": reason}
+            self.revokes_rejected += 1
+        else:
+            result = {"idempotency_key": item.idempotency_key, "status": "revoked",
+                      "reference": f"REV-{next(self._revoke_references):09d}"}
+            if entry.revoked_at is None:
+                entry.revoked_at = received_at
+                self.revoked += 1
+            else:
+                self.double_revokes += 1
+                result["reason"] = "already revoked"
+            entry.revocations += 1
+        self.revoke_results[item.idempotency_key] = result
         return result, True
 
     def counters(self) -> dict:
         """Totals over the whole ledger; ``duplicates`` = applications beyond one per ledger key.
 
         A ``timed`` ledger adds ``timed_keys`` (ledger keys with a due time), ``early`` and
-        ``late_seconds`` ({p50, p99, max, count}).
+        ``late_seconds`` ({p50, p99, max, count}); a ``revocable`` one ``revoked`` (ledger keys
+        revoked), ``double_revokes`` (revokes of an already revoked key under a new idempotency
+        key), ``revokes_rejected``, ``revoke_calls`` and ``revokes_received``.
         """
         counters = {"applied": self.applied, "unique_keys": self.unique_keys,
                     "duplicates": self.applied - self.unique_keys, "calls": self.calls,
@@ -191,6 +250,10 @@ class Ledger:
                 self._lateness = []
             counters.update(timed_keys=len(self._lateness_sorted), early=self.early,
                             late_seconds=percentiles(self._lateness_sorted))
+        if self.revocable:
+            counters.update(revoked=self.revoked, double_revokes=self.double_revokes,
+                            revokes_rejected=self.revokes_rejected, revoke_calls=self.revoke_calls,
+                            revokes_received=self.revokes_received)
         return counters
 
     def select(self, campaign_id: int | None = None, customer_prefix: str | None = None,

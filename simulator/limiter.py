@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from datetime import datetime, timezone
 from typing import Callable, Sequence
@@ -29,7 +30,10 @@ class SlidingWindowLimiter:
     """Accepts at most ``limit`` requests per key in any ``window`` seconds.
 
     Only accepted requests enter the window. Every accepted timestamp is kept so the
-    maximum per window can be computed exactly afterwards. Not thread-safe: callers lock.
+    maximum per window can be computed exactly afterwards, and so is every attempt (accepted or
+    not, including requests refused before reaching the window, see ``note_refused``): the most
+    requests a client *sent* in any window shows whether it kept to the limit. Not thread-safe:
+    callers lock.
     """
 
     def __init__(self, limit: int = 50, window: float = 10.0,
@@ -43,12 +47,14 @@ class SlidingWindowLimiter:
         """Forget every window and recorded timestamp."""
         self._recent: dict[str, deque] = {}
         self.accepted: list[float] = []
+        self.attempted: list[float] = []
         self.wall_first: float | None = None
         self.wall_last: float | None = None
 
     def try_acquire(self, key: str) -> bool:
         """Record and return True if ``key`` may make a request now; False if over the limit."""
         now = self.clock()
+        self.attempted.append(now)
         recent = self._recent.setdefault(key, deque())
         while recent and now - recent[0] >= self.window:
             recent.popleft()
@@ -61,15 +67,31 @@ class SlidingWindowLimiter:
         self.wall_last = wall
         return True
 
-    def stats(self) -> dict:
-        """Accepted count, exact max per window, first/last wall time and achieved rate."""
-        span = self.accepted[-1] - self.accepted[0] if len(self.accepted) > 1 else 0.0
+    def note_refused(self) -> None:
+        """Record an attempt refused before it reached the window (an injected 429)."""
+        self.attempted.append(self.clock())
+
+    def stats(self, since: float | None = None) -> dict:
+        """Accepted count, exact max per window, first/last wall time and achieved rate.
+
+        ``requests`` counts every attempt and ``max_requests_in_window`` is the most attempts in
+        any window; ``clock_now`` is the limiter's clock, to pass back as ``since``: then the
+        counts and maxima cover only requests after that clock time (the rest stays global).
+        """
+        accepted, attempted = self.accepted, self.attempted
+        if since is not None:
+            accepted = accepted[bisect_right(accepted, since):]
+            attempted = attempted[bisect_right(attempted, since):]
+        span = accepted[-1] - accepted[0] if len(accepted) > 1 else 0.0
         return {
-            "accepted": len(self.accepted),
-            "max_in_window": max_in_window(self.accepted, self.window),
+            "accepted": len(accepted),
+            "max_in_window": max_in_window(accepted, self.window),
+            "requests": len(attempted),
+            "max_requests_in_window": max_in_window(attempted, self.window),
+            "clock_now": self.clock(),
             "window_seconds": self.window,
             "limit": self.limit,
-            "achieved_rate_per_s": round(len(self.accepted) / span, 3) if span > 0 else 0.0,
+            "achieved_rate_per_s": round(len(accepted) / span, 3) if span > 0 else 0.0,
             "first_at": _iso(self.wall_first),
             "last_at": _iso(self.wall_last),
         }

@@ -2,6 +2,10 @@
 
 Paths are ``/{category}/{Function}`` (no ``/current`` prefix); the category matches
 case-insensitively, the function name exactly. Admin endpoints live under ``/_sim/``.
+
+Two clocks: ``clock`` (monotonic by default) drives the rate limit and the 2-hour availability
+of cancelled-campaign lists; ``wall_clock`` (epoch seconds) stamps UpdateCustomerPromotionStatus
+calls so a driver can compare them with a ClearanceRequiredBy deadline.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from simulator import campaigns
 from simulator.campaigns import SpecError
@@ -22,6 +26,7 @@ MAX_PAGE = 10_000
 MAX_PROMOTIONS = 100
 MAX_TEMPLATES = 100
 MAX_PROMOS_UPDATED = 10_000
+CANCELED_AVAILABLE_SECONDS = 2 * 3600  # GetCanceledCampaignCustomers answers for 2 hours after a cancel
 TOO_MANY_REQUESTS = {
     "status": 429,
     "error": "Too Many Requests",
@@ -60,8 +65,10 @@ def _is_int(value: Any) -> bool:
 class OptimoveState:
     """Everything the fake API remembers; every public method is called under ``lock``."""
 
-    def __init__(self, limit: int, window: float, clock: Callable[[], float]):
+    def __init__(self, limit: int, window: float, clock: Callable[[], float],
+                 wall_clock: Callable[[], float] = time.time):
         self.lock = threading.Lock()
+        self.clock, self.wall_clock = clock, wall_clock
         self.limiter = SlidingWindowLimiter(limit, window, clock)
         self.random = random.Random()
         self.reset()
@@ -78,6 +85,8 @@ class OptimoveState:
         self.channel_templates: dict[int, dict[int, str]] = {}
         self.listeners: dict[tuple, dict] = {}
         self.promotion_status: dict[int, dict] = {}
+        self.cancellations: dict[int, dict] = {}
+        self.actions_ended: dict[str, list[dict]] = {}
         self.campaign_metrics: list[list[dict]] = []
         self._since_burst = 0
         self._burst_left = 0
@@ -103,6 +112,7 @@ class OptimoveState:
         if self._burst_left > 0:
             self._burst_left -= 1
             self.throttled += 1
+            self.limiter.note_refused()
             return False
         if not self.limiter.try_acquire(key):
             self.throttled += 1
@@ -124,10 +134,10 @@ class OptimoveState:
             return True
         return False
 
-    def stats(self) -> dict:
-        """Counters for ``GET /_sim/stats``."""
+    def stats(self, since: float | None = None) -> dict:
+        """Counters for ``GET /_sim/stats`` (rate-limit figures only after clock time ``since``, if given)."""
         return {
-            **self.limiter.stats(),
+            **self.limiter.stats(since),
             "throttled": self.throttled,
             "injected_errors": self.injected_errors,
             "requests_by_function": dict(self.by_function),
@@ -189,12 +199,62 @@ def _update_promotion_status(state: OptimoveState, body: Any):
         if not (isinstance(item, dict) and isinstance(item.get("CustomerID"), str)
                 and isinstance(item.get("Status"), bool)):
             raise BadRequest("Each PromosUpdated item needs CustomerID (string) and Status (boolean).")
-    stored = state.promotion_status.setdefault(body["CampaignID"], {"calls": 0, "statuses": {}})
-    stored["calls"] += 1
+    at = g.get("received_at") or state.wall_clock()
+    stored = state.promotion_status.setdefault(body["CampaignID"], _new_promotion_status())
+    trues = sum(1 for item in updates if item["Status"])
+    stored["calls"].append({"at": at, "size": len(updates), "true": trues, "false": len(updates) - trues,
+                            "timestamp": body["TimeStamp"]})
     stored["last_timestamp"] = body["TimeStamp"]
+    statuses, first_true_at = stored["statuses"], stored["first_true_at"]
     for item in updates:
-        stored["statuses"][item["CustomerID"]] = item["Status"]
+        customer, status = item["CustomerID"], item["Status"]
+        previous = statuses.get(customer)
+        if status:
+            first_true_at.setdefault(customer, at)
+            stored["true"] += not previous
+        elif previous:
+            stored["true_then_false"] += 1
+            stored["true"] -= 1
+        statuses[customer] = status
     return None
+
+
+def _new_promotion_status() -> dict:
+    return {"calls": [], "statuses": {}, "first_true_at": {}, "true": 0, "true_then_false": 0,
+            "last_timestamp": None}
+
+
+def promotion_status_view(state: OptimoveState, campaign_id: int, deadline: float | None = None,
+                          customers: bool = True) -> dict:
+    """What ``GET /_sim/promotion-status`` answers for a campaign.
+
+    ``calls``: one ``{"at" (epoch received), "size", "true", "false", "timestamp" (the body's)}`` per
+    UpdateCustomerPromotionStatus call; ``max_call_size``, ``last_timestamp``; ``reported``,
+    ``true``, ``false`` (customers by latest status); ``true_then_false`` (reports of false after
+    true). With ``deadline`` (epoch): ``true_before_deadline`` and ``true_after_deadline`` (customers
+    by the time of their first true) and ``calls_after_deadline``. With ``customers``: ``statuses``
+    (customer -> latest status) and ``first_true_at`` (customer -> epoch).
+    """
+    stored = state.promotion_status.get(campaign_id) or _new_promotion_status()
+    statuses, first_true_at, trues = stored["statuses"], stored["first_true_at"], stored["true"]
+    view = {
+        "campaign_id": campaign_id,
+        "calls": [dict(call) for call in stored["calls"]],
+        "max_call_size": max((call["size"] for call in stored["calls"]), default=0),
+        "last_timestamp": stored["last_timestamp"],
+        "reported": len(statuses),
+        "true": trues,
+        "false": len(statuses) - trues,
+        "true_then_false": stored["true_then_false"],
+    }
+    if deadline is not None:
+        before = sum(1 for at in first_true_at.values() if at <= deadline)
+        view.update(deadline=deadline, true_before_deadline=before,
+                    true_after_deadline=len(first_true_at) - before,
+                    calls_after_deadline=sum(1 for call in stored["calls"] if call["at"] > deadline))
+    if customers:
+        view.update(statuses=dict(statuses), first_true_at=dict(first_true_at))
+    return view
 
 
 def _campaign_details(state: OptimoveState, body: Any):
@@ -205,7 +265,8 @@ def _campaign_details(state: OptimoveState, body: Any):
     if spec is None:
         return {"CampaignID": campaign_id, "Status": "Failed", "Error": "Campaign not found", "Channels": []}
     return {
-        "CampaignID": campaign_id, "TargetGroupID": 1, "CampaignType": "Scheduled", "Duration": 7,
+        "CampaignID": campaign_id, "TargetGroupID": spec["target_group_id"], "CampaignType": "Scheduled",
+        "Duration": spec["duration"],
         "LeadTime": 0, "Notes": "", "IsMultiChannel": len(spec["channels"]) > 1, "IsRecurrence": False,
         "Status": "Successful", "Error": "",
         "Channels": [{"Id": ch, "ChannelID": ch, "Name": CHANNEL_NAMES.get(ch, f"Channel {ch}")}
@@ -226,6 +287,64 @@ def _execution_details(state: OptimoveState, body: Any):
     if channel_id is None:
         return campaigns.campaign_rows(spec, skip, top)
     return campaigns.channel_rows(spec, channel_id, skip, top)
+
+
+def _paging() -> tuple[int, int]:
+    """The ``$top`` (at most MAX_PAGE, the default) and ``$skip`` of a customer-list call."""
+    return min(_int_param("$top", MAX_PAGE), MAX_PAGE), _int_param("$skip", 0)
+
+
+def _required_campaign() -> int:
+    campaign_id = _int_param("CampaignID")
+    if campaign_id is None:
+        raise BadRequest("CampaignID is required.")
+    return campaign_id
+
+
+def _processed_customers(state: OptimoveState, body: Any):
+    campaign_id = _required_campaign()
+    top, skip = _paging()
+    spec = state.campaigns.get(campaign_id)
+    return campaigns.processed_rows(spec, skip, top) if spec else []
+
+
+def canceled_available(state: OptimoveState, cancellation: dict | None) -> bool:
+    """Whether a cancellation's customer list is still served (2 hours on the state's clock)."""
+    return cancellation is not None and state.clock() - cancellation["clock"] < CANCELED_AVAILABLE_SECONDS
+
+
+def _canceled_customers(state: OptimoveState, body: Any):
+    campaign_id = _required_campaign()
+    top, skip = _paging()
+    cancellation = state.cancellations.get(campaign_id)
+    spec = state.campaigns.get(campaign_id)
+    if spec is None or not canceled_available(state, cancellation):
+        return []
+    return campaigns.canceled_rows(spec, cancellation["numbers"], skip, top)
+
+
+ENDED_ROW_FIELDS = ("CustomerID", "ActionID", "ChannelID", "Date", "Duration", "TargetGroupID")
+
+
+def _actions_ended(state: OptimoveState, body: Any):
+    day = request.args.get("Date")
+    if campaigns.parse_date(day) is None:
+        raise BadRequest("Date is required, as YYYY-MM-DD.")
+    top, skip = _paging()
+    explicit = state.actions_ended.get(day, [])
+    rows = [dict(row) for row in explicit[skip:skip + top]]
+    skip = max(0, skip - len(explicit))
+    for campaign_id in sorted(state.campaigns):
+        if len(rows) >= top:
+            break
+        spec = state.campaigns[campaign_id]
+        count = campaigns.action_ended_count(spec, day)
+        if skip >= count:
+            skip -= count
+            continue
+        rows.extend(campaigns.action_ended_rows(spec, day, skip, top - len(rows)))
+        skip = 0
+    return rows
 
 
 METRIC_FIELDS = ("ChannelID", "CampaignID", "TemplateID", "MetricID", "MetricValue")
@@ -317,6 +436,9 @@ ROUTES: dict[tuple[str, str], tuple[str, Callable]] = {
     ("actions", "GetCampaignDetails"): ("GET", _campaign_details),
     ("customers", "GetCustomerExecutionDetailsByCampaign"): ("GET", _execution_details),
     ("customers", "GetCustomerSendDetailsByChannel"): ("GET", _send_details),
+    ("customers", "GetProcessedCampaignCustomers"): ("GET", _processed_customers),
+    ("customers", "GetCanceledCampaignCustomers"): ("GET", _canceled_customers),
+    ("customers", "GetCustomersActionEndedByDate"): ("GET", _actions_ended),
     ("integrations", "UpdateCampaignMetrics"): ("POST", _update_campaign_metrics),
 }
 
@@ -331,10 +453,11 @@ def _read_json_body() -> Any:
 
 
 def create_optimove_app(api_key: str, rate_limit: tuple[int, float] = (50, 10.0),
-                        clock: Callable[[], float] = time.monotonic) -> Flask:
+                        clock: Callable[[], float] = time.monotonic,
+                        wall_clock: Callable[[], float] = time.time) -> Flask:
     """Build the fake Optimove WSGI app for one API key and a (limit, window_seconds) rate limit."""
     app = Flask("simulator.optimove")
-    state = OptimoveState(rate_limit[0], float(rate_limit[1]), clock)
+    state = OptimoveState(rate_limit[0], float(rate_limit[1]), clock, wall_clock)
     app.extensions["optimove_sim"] = state
 
     @app.errorhandler(BadRequest)
@@ -343,6 +466,7 @@ def create_optimove_app(api_key: str, rate_limit: tuple[int, float] = (50, 10.0)
 
     @app.route("/<category>/<function>", methods=["GET", "POST"])
     def call(category: str, function: str):
+        g.received_at = state.wall_clock()
         if request.headers.get("X-API-KEY") != api_key:
             return _bare("Unauthorized", 401)
         with state.lock:
@@ -386,12 +510,77 @@ def _admin_blueprint(state: OptimoveState) -> Blueprint:
             "customers_per_channel": campaigns.customers_per_channel(spec),
             "expected_sends": campaigns.expected_sends_count(spec),
             "schedule": spec["schedule"],
+            "conditional": spec["conditional"],
+            "audience": campaigns.unique_customers(spec),
         })
+
+    @admin.post("/campaigns/<int:campaign_id>/cancel")
+    def cancel_campaign(campaign_id: int):
+        body = request.get_json(force=True, silent=True)
+        body = {} if body is None else body
+        if not isinstance(body, dict) or set(body) - {"fraction", "customer_ids"}:
+            return jsonify({"error": "body must be an object with fraction or customer_ids (or empty: "
+                                     "every customer)"}), 400
+        fraction, customer_ids = body.get("fraction", 1.0), body.get("customer_ids")
+        if "fraction" in body and customer_ids is not None:
+            return jsonify({"error": "give fraction or customer_ids, not both"}), 400
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            return jsonify({"error": "fraction must be a number in [0, 1]"}), 400
+        if customer_ids is not None and not (isinstance(customer_ids, list)
+                                             and all(isinstance(c, str) for c in customer_ids)):
+            return jsonify({"error": "customer_ids must be a list of strings"}), 400
+        with state.lock:
+            spec = state.campaigns.get(campaign_id)
+            if spec is None:
+                return jsonify({"error": f"campaign {campaign_id} is unknown"}), 404
+            try:
+                numbers = campaigns.cancelled_numbers(spec, float(fraction), customer_ids)
+            except SpecError as error:
+                return jsonify({"error": str(error)}), 400
+            wall = state.wall_clock()
+            state.cancellations[campaign_id] = {"numbers": numbers, "clock": state.clock(), "at": wall}
+        return jsonify({"campaign_id": campaign_id, "cancelled": len(numbers), "cancelled_at": wall,
+                        "available_until": wall + CANCELED_AVAILABLE_SECONDS})
+
+    @admin.get("/cancellations")
+    def cancellations():
+        with state.lock:
+            return jsonify({str(campaign_id): {"cancelled": len(entry["numbers"]), "cancelled_at": entry["at"],
+                                               "available": canceled_available(state, entry)}
+                            for campaign_id, entry in sorted(state.cancellations.items())})
+
+    @admin.post("/actions-ended")
+    def add_actions_ended():
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or campaigns.parse_date(body.get("date")) is None:
+            return jsonify({"error": "body must be {\"date\": \"YYYY-MM-DD\", \"rows\": [...]}"}), 400
+        rows, day = body.get("rows"), body["date"]
+        if not isinstance(rows, list):
+            return jsonify({"error": "rows must be a list"}), 400
+        defaults = {"ChannelID": 0, "Duration": 7, "TargetGroupID": 1}
+        clean = []
+        for index, row in enumerate(rows):
+            if not (isinstance(row, dict) and isinstance(row.get("CustomerID"), str) and row["CustomerID"]
+                    and not set(row) - set(ENDED_ROW_FIELDS) and row.get("Date", day) == day):
+                return jsonify({"error": f"row {index}: needs CustomerID (string) and only "
+                                         f"{', '.join(ENDED_ROW_FIELDS)} (Date, if given, the date)"}), 400
+            row = {**defaults, **row, "Date": day}
+            if not all(_is_int(row.get(name)) for name in ("ActionID", "ChannelID", "Duration", "TargetGroupID")):
+                return jsonify({"error": f"row {index}: ActionID is required; ActionID, ChannelID, Duration "
+                                         f"and TargetGroupID must be integers"}), 400
+            clean.append({name: row[name] for name in ENDED_ROW_FIELDS})
+        with state.lock:
+            stored = state.actions_ended.setdefault(day, [])
+            if body.get("replace"):
+                stored.clear()
+            stored.extend(clean)
+            return jsonify({"date": day, "rows": len(stored)})
 
     @admin.get("/stats")
     def stats():
+        since = request.args.get("since", type=float)
         with state.lock:
-            return jsonify(state.stats())
+            return jsonify(state.stats(since))
 
     @admin.post("/reset")
     def reset():
@@ -405,19 +594,18 @@ def _admin_blueprint(state: OptimoveState) -> Blueprint:
             state.set_faults(request.get_json(force=True, silent=True))
             return jsonify({"faults": state.faults})
 
+    @admin.get("/promotion-status")
     @admin.get("/promotion-status/<int:campaign_id>")
-    def promotion_status(campaign_id: int):
+    def promotion_status(campaign_id: int | None = None):
+        """``?campaign_id=C[&deadline=EPOCH][&customers=0]``: see ``promotion_status_view``."""
+        campaign_id = campaign_id if campaign_id is not None else request.args.get("campaign_id", type=int)
+        if campaign_id is None:
+            return jsonify({"error": "campaign_id (integer) is required"}), 400
+        deadline = request.args.get("deadline", type=float)
+        customers = request.args.get("customers", "1").lower() not in ("0", "false", "no")
         with state.lock:
-            stored = state.promotion_status.get(campaign_id, {"calls": 0, "statuses": {}})
-            statuses = dict(stored["statuses"])
-            return jsonify({
-                "campaign_id": campaign_id,
-                "calls": stored["calls"],
-                "last_timestamp": stored.get("last_timestamp"),
-                "statuses": statuses,
-                "true": sum(1 for s in statuses.values() if s),
-                "false": sum(1 for s in statuses.values() if not s),
-            })
+            view = promotion_status_view(state, campaign_id, deadline, customers)
+        return Response(json.dumps(view, separators=(",", ":")), mimetype="application/json")
 
     @admin.get("/campaign-metrics")
     def campaign_metrics():

@@ -2,7 +2,9 @@
 
 A peer has batch and single endpoints with idempotency keys, injectable faults settable at
 runtime, and a ledger to assert on. A ``PeerKind`` names a peer's paths and says how its
-items are parsed, rejected and summarised; ``FakePeer`` holds the state of one peer.
+items are parsed, rejected and summarised; ``FakePeer`` holds the state of one peer. A kind
+with a ``RevokeKind`` also takes revokes of applied items, with the same endpoints, faults and
+idempotency (the bonus system's ``/bonus/revokes``).
 
 Built on ``http.server`` rather than Flask because the drop-after-apply fault must close
 the TCP connection without writing any HTTP response, which a WSGI app cannot do.
@@ -96,6 +98,16 @@ def fault_config(name: str, reject_field: str, reject_type: type) -> type[FaultC
 
 
 @dataclass(frozen=True)
+class RevokeKind:
+    """Revokes of a peer's applied items: batch ``{path}/{item}s`` with ``{"{item}s": [...]}``, single
+    ``{path}/{item}``; ``parse`` builds an item with ``idempotency_key``, ``target_key`` (the ledger
+    key it revokes) and ``reference`` (the grant's, or None)."""
+
+    item: str
+    parse: Callable[[object, str | None], Any]
+
+
+@dataclass(frozen=True)
 class PeerKind:
     """What one kind of fake peer is: names, paths, how items are parsed, rejected and summarised.
 
@@ -116,6 +128,7 @@ class PeerKind:
     summary_names: dict = field(default_factory=dict)
     full_extras: Callable[[list[dict]], dict] | None = None
     timed: bool = False
+    revoke: RevokeKind | None = None
 
     @property
     def batch_path(self) -> str:
@@ -126,6 +139,16 @@ class PeerKind:
     def single_path(self) -> str:
         """The single endpoint's path."""
         return f"{self.path}/{self.item}"
+
+    @property
+    def revoke_batch_path(self) -> str | None:
+        """The batch revoke endpoint's path (None when the peer takes no revokes)."""
+        return f"{self.path}/{self.revoke.item}s" if self.revoke else None
+
+    @property
+    def revoke_single_path(self) -> str | None:
+        """The single revoke endpoint's path (None when the peer takes no revokes)."""
+        return f"{self.path}/{self.revoke.item}" if self.revoke else None
 
 
 @dataclass
@@ -149,7 +172,8 @@ class FakePeer:
         return cls(kind, kind.config(**settings).validated())
 
     def _new_ledger(self) -> Ledger:
-        return Ledger(self.kind.reference_prefix, self.kind.applied_status, self.kind.timed)
+        return Ledger(self.kind.reference_prefix, self.kind.applied_status, self.kind.timed,
+                      revocable=self.kind.revoke is not None)
 
     def configure(self, changes: dict) -> None:
         """Change fault settings at runtime (reseeds when ``seed`` is given)."""
@@ -163,11 +187,15 @@ class FakePeer:
         with self.lock:
             self.ledger = self._new_ledger()
 
-    def receive(self, items: list, now: float | None = None) -> str | None:
-        """Note a call's arrival at ``now``, then decide its fault: "timeout", "failure", "drop" or None."""
+    def receive(self, items: list, now: float | None = None, revokes: bool = False) -> str | None:
+        """Note a call's arrival at ``now`` (a call of revokes with ``revokes``), then decide its
+        fault: "timeout", "failure", "drop" or None."""
         now = time.time() if now is None else now
         with self.lock:
-            self.ledger.receive(items, now)
+            if revokes:
+                self.ledger.receive_revokes(items, now)
+            else:
+                self.ledger.receive(items, now)
             for fault, rate in (("timeout", self.config.timeout_rate),
                                 ("failure", self.config.failure_rate),
                                 ("drop", self.config.drop_after_apply_rate)):
@@ -176,9 +204,9 @@ class FakePeer:
                     return fault
         return None
 
-    def apply_batch(self, items: list, received_at: float | None = None) -> list[dict]:
-        """Apply a batch that arrived at ``received_at``; items may come back "retry" when
-        item_retry_rate is set."""
+    def apply_batch(self, items: list, received_at: float | None = None, revokes: bool = False) -> list[dict]:
+        """Apply a batch (of revokes, with ``revokes``) that arrived at ``received_at``; items may come
+        back "retry" when item_retry_rate is set."""
         results = []
         with self.lock:
             rejects = self.config.rejects()
@@ -188,14 +216,19 @@ class FakePeer:
                     self.ledger.faults_injected["item_retry"] += 1
                     results.append({"idempotency_key": item.idempotency_key, "status": "retry",
                                     "reason": "temporarily unavailable"})
+                elif revokes:
+                    results.append(self.ledger.revoke(item, received_at)[0])
                 else:
                     reason = self.kind.reject_reason(item, rejects)
                     results.append(self.ledger.record(item, reason, received_at)[0])
         return results
 
-    def apply_one(self, item, received_at: float | None = None) -> tuple[dict, bool]:
-        """Apply one item that arrived at ``received_at``; return (stored result, is_new)."""
+    def apply_one(self, item, received_at: float | None = None, revokes: bool = False) -> tuple[dict, bool]:
+        """Apply one item (a revoke, with ``revokes``) that arrived at ``received_at``; return
+        (stored result, is_new)."""
         with self.lock:
+            if revokes:
+                return self.ledger.revoke(item, received_at)
             reason = self.kind.reject_reason(item, self.config.rejects())
             return self.ledger.record(item, reason, received_at)
 
@@ -208,7 +241,8 @@ class FakePeer:
             selected = list(self.ledger.select(campaign_id, customer_prefix, kind.customer_index)) if full else []
         summary = {kind.summary_names.get(name, name): value for name, value in counters.items()}
         if full:
-            summary["entries"] = [entry.to_json(key) for key, entry in selected]
+            revocable = kind.revoke is not None
+            summary["entries"] = [entry.to_json(key, revocable) for key, entry in selected]
             if kind.full_extras:
                 summary.update(kind.full_extras(summary["entries"]))
         return summary
@@ -271,6 +305,9 @@ class _PeerHandler(BaseHTTPRequestHandler):
             "/_sim/reset": self._reset,
             "/_sim/config": self._config,
         }
+        if kind.revoke:
+            routes[kind.revoke_batch_path] = lambda body: self._batch(body, revokes=True)
+            routes[kind.revoke_single_path] = lambda body: self._single(body, revokes=True)
         route = routes.get(urlsplit(self.path).path)
         try:
             if route is None:
@@ -290,32 +327,37 @@ class _PeerHandler(BaseHTTPRequestHandler):
         except ValueError:
             raise _Refused(400, {"error": "body is not valid JSON"}) from None
 
-    def _batch(self, body):
+    def _parser(self, revokes: bool) -> tuple[str, Callable]:
+        kind = self.server.app.kind
+        return (kind.revoke.item, kind.revoke.parse) if revokes else (kind.item, kind.parse)
+
+    def _batch(self, body, revokes: bool = False):
         app = self.server.app
-        plural = f"{app.kind.item}s"
+        item_name, parse = self._parser(revokes)
+        plural = f"{item_name}s"
         raw_items = body.get(plural) if isinstance(body, dict) else None
         if not isinstance(raw_items, list):
             raise _Refused(400, {"error": f"body must be {{\"{plural}\": [...]}}"})
         if len(raw_items) > MAX_BATCH:
             raise _Refused(400, {"error": f"at most {MAX_BATCH} {plural} per call"})
         try:
-            items = [app.kind.parse(raw, None) for raw in raw_items]
+            items = [parse(raw, None) for raw in raw_items]
         except InvalidItem as error:
             raise _Refused(400, {"error": str(error)}) from None
-        fault, received_at = self._before_apply(items)
-        results = app.apply_batch(items, received_at)
+        fault, received_at = self._before_apply(items, revokes)
+        results = app.apply_batch(items, received_at, revokes)
         if fault == "drop":
             return self._drop()
         self._send(200, {"results": results})
 
-    def _single(self, body):
+    def _single(self, body, revokes: bool = False):
         app = self.server.app
         try:
-            item = app.kind.parse(body, self.headers.get("Idempotency-Key"))
+            item = self._parser(revokes)[1](body, self.headers.get("Idempotency-Key"))
         except InvalidItem as error:
             raise _Refused(400, {"reason": str(error)}) from None
-        fault, received_at = self._before_apply([item])
-        result, is_new = app.apply_one(item, received_at)
+        fault, received_at = self._before_apply([item], revokes)
+        result, is_new = app.apply_one(item, received_at, revokes)
         if fault == "drop":
             return self._drop()
         if result["status"] == "rejected":
@@ -323,10 +365,10 @@ class _PeerHandler(BaseHTTPRequestHandler):
         else:
             self._send(201 if is_new else 409, {"reference": result["reference"]})
 
-    def _before_apply(self, items: list) -> tuple[str | None, float]:
+    def _before_apply(self, items: list, revokes: bool = False) -> tuple[str | None, float]:
         app = self.server.app
         received_at = time.time()
-        fault = app.receive(items, received_at)
+        fault = app.receive(items, received_at, revokes)
         if fault == "timeout":
             time.sleep(app.config.timeout_sleep_s)
             raise _Refused(503, {"error": "timed out upstream"})

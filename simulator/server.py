@@ -37,6 +37,8 @@ class RunningSimulator:
 
     bonus_url = _endpoint("bonus_admin_url", BONUS.batch_path, "Batch grant endpoint.")
     bonus_single_url = _endpoint("bonus_admin_url", BONUS.single_path, "Single grant endpoint.")
+    bonus_revoke_url = _endpoint("bonus_admin_url", BONUS.revoke_batch_path, "Batch revoke endpoint.")
+    bonus_revoke_single_url = _endpoint("bonus_admin_url", BONUS.revoke_single_path, "Single revoke endpoint.")
     send_url = _endpoint("send_admin_url", SEND.batch_path, "Batch send endpoint.")
     send_single_url = _endpoint("send_admin_url", SEND.single_path, "Single send endpoint.")
 
@@ -46,6 +48,8 @@ class RunningSimulator:
             "optimove_url": self.optimove_url,
             "bonus_url": self.bonus_url,
             "bonus_single_url": self.bonus_single_url,
+            "bonus_revoke_url": self.bonus_revoke_url,
+            "bonus_revoke_single_url": self.bonus_revoke_single_url,
             "bonus_admin_url": self.bonus_admin_url,
             "send_url": self.send_url,
             "send_single_url": self.send_single_url,
@@ -111,7 +115,8 @@ def serve(optimove_port: int, bonus_port: int, api_key: str, host: str = "127.0.
     try:
         print(f"fake Optimove listening on {running.optimove_url}", flush=True)
         print(f"fake bonus system listening on {running.bonus_admin_url} "
-              f"(batch {running.bonus_url}, single {running.bonus_single_url})", flush=True)
+              f"(batch {running.bonus_url}, single {running.bonus_single_url}, "
+              f"revokes {running.bonus_revoke_url})", flush=True)
         print(f"fake send service listening on {running.send_admin_url} "
               f"(batch {running.send_url}, single {running.send_single_url})", flush=True)
         if ready_file:

@@ -89,6 +89,14 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert send_summary["early"] == 0 and send_summary["duplicates"] == 0 and send_summary["wrong_attributes"] == 0
         assert info["channel_attributes"] == {"610": ["Email", "Country"]}
 
+        cond = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "conditional", "--data-dir",
+                               str(data_dir), "--customers", "500", "--deadline-in", "30", "--reject-every", "10",
+                               "--json"], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert cond.returncode == 0, cond.stdout + cond.stderr + log_path.read_text()[-4000:]
+        conditional = json.loads(cond.stdout)  # flow 4 out of the box
+        assert conditional["ok"] and conditional["approved_before_deadline"] == conditional["expected_approved"] > 0
+        assert conditional["approved_after_deadline"] == 0 and conditional["grants_after_deadline"] == 0
+
         for role in ("send", "bonus"):  # real-time triggers work out of the box too
             rt = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "realtime", "--data-dir",
                                  str(data_dir), "--role", role, "--rate", "10", "--duration", "2", "--json"],

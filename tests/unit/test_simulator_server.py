@@ -33,6 +33,8 @@ def test_serve_writes_ready_file_and_stops_on_sigterm(tmp_path):
         assert urls["pid"] == process.pid
         assert urls["bonus_url"] == urls["bonus_admin_url"] + "/bonus/grants"
         assert urls["bonus_single_url"] == urls["bonus_admin_url"] + "/bonus/grant"
+        assert urls["bonus_revoke_url"] == urls["bonus_admin_url"] + "/bonus/revokes"
+        assert urls["bonus_revoke_single_url"] == urls["bonus_admin_url"] + "/bonus/revoke"
         listeners = requests.get(f"{urls['optimove_url']}/general/GetRegisteredEventListeners",
                                  headers={"X-API-KEY": "K"}, timeout=5)
         assert listeners.status_code == 200
@@ -61,8 +63,9 @@ def test_start_serves_all_three_in_threads():
 
     running = start(api_key="K", send_faults={"reject_template_ids": [9]})
     try:
-        assert set(running.urls()) == {"optimove_url", "bonus_url", "bonus_single_url", "bonus_admin_url",
-                                       "send_url", "send_single_url", "send_admin_url", "pid"}
+        assert set(running.urls()) == {"optimove_url", "bonus_url", "bonus_single_url", "bonus_revoke_url",
+                                       "bonus_revoke_single_url", "bonus_admin_url", "send_url",
+                                       "send_single_url", "send_admin_url", "pid"}
         assert running.send.config.reject_template_ids == (9,)
         state = requests.get(running.send_admin_url + "/_sim/ledger", params={"full": 1}, timeout=5).json()
         assert state["entries"] == [] and state["duplicate_sends"] == 0

@@ -1,4 +1,4 @@
-"""Scheduled campaign throughput (flow 3 grants, or flow 1 sends), end to end, against the raw Postgres insert limit, in one run.
+"""Scheduled campaign throughput (flow 3 grants, flow 1 sends), end to end, against the raw insert limit, in one run.
 
     .venv/bin/python bench/campaign.py [--role bonus|send] [--customers N] [--sizes 100000,300000]
                                        [--channels 3] [--workers 2] [--json]
@@ -380,14 +380,15 @@ def sent_so_far(cur, campaign_id: int) -> int:
 
 def rss_profile(history: list[tuple[float, int, int]], warm_at: float) -> dict:
     """Worker tree RSS (and largest pool child) at start, once warm (first sample at/after `warm_at`),
-    max and end, in MB; `growth_after_warm_mb` = tree max - tree when warm."""
+    max and end, in MB; `growth_after_warm_mb` = tree max - tree when warm; every sample (JSON only)."""
     mb = lambda b: round(b / 2 ** 20, 1)  # noqa: E731
     warm = next((h for h in history if h[0] >= warm_at), history[-1])
     tree_max, child_max = max(h[1] for h in history), max(h[2] for h in history)
     return {"tree_start_mb": mb(history[0][1]), "tree_warm_mb": mb(warm[1]), "tree_max_mb": mb(tree_max),
             "tree_end_mb": mb(history[-1][1]), "child_start_mb": mb(history[0][2]), "child_warm_mb": mb(warm[2]),
             "child_max_mb": mb(child_max), "child_end_mb": mb(history[-1][2]),
-            "growth_after_warm_mb": mb(tree_max - warm[1]), "samples": len(history)}
+            "growth_after_warm_mb": mb(tree_max - warm[1]), "samples": len(history),
+            "tree_mb_by_s": [[round(t - history[0][0], 1), mb(tree)] for t, tree, _ in history]}
 
 
 def check_peer(session: requests.Session, ledger_url: str, spec: dict) -> dict:
@@ -689,7 +690,8 @@ def report(res: dict) -> str:
              f"setup:   {s['cpus']} CPUs, {s['stores']}, {s['worker_processes']} worker process(es) x prefork "
              f"{s['worker_concurrency']}, page {s['page_size']}, bonus batch {s['bonus_batch_size']}, "
              f"rate limit {s['rate_limit']}",
-             f"         {len(s['channels'])} channels, 50% overlap, codes: {s['promo_codes']}",
+             f"         {len(s['channels'])} channel{'s' if len(s['channels']) != 1 else ''}, 50% overlap, codes: "
+             f"{s['promo_codes']}",
              "",
              f"{'N/channel':>10}{'unique':>9}{'triples':>9}{'secs':>8}{'cust/s':>9}{'grants/s':>10}"
              f"{'us/cust':>9}{'raw rows/s':>12}{'ratio':>7}{'RSS child':>11}{'RSS tree':>10}  bonus ledger"]
@@ -766,6 +768,10 @@ def run_send(args) -> dict:
     }
 
 
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
 def report_send(res: dict) -> str:
     s = res["setup"]
     lines = [f"command: {res['command']}",
@@ -783,7 +789,7 @@ def report_send(res: dict) -> str:
         p = r["peer"]
         lines.append(f"{r['customers_per_channel']:>10}{r['expected_sends']:>9}{r['seconds']:>8.2f}"
                      f"{r['sends_per_s']:>9.0f}{r['us_per_send']:>9.1f}{r['raw_rows_per_s']:>12.0f}"
-                     f"{r['ratio']:>7.3f}{r['first_send_at_peer_s']:>9.2f}s{r['last_send_at_peer_s']:>10.2f}s  "
+                     f"{r['ratio']:>7.3f}{_secs(r['first_send_at_peer_s']):>10}{_secs(r['last_send_at_peer_s']):>11}  "
                      f"once {p['sent_once']}, dup {p['duplicates']}, early {p['early']}, missing {p['missing']} / "
                      f"sent {r['postgres_by_status'].get('sent', 0)}"
                      f"{'' if r['ok'] else '  WRONG COUNTS'}")
@@ -794,7 +800,8 @@ def report_send(res: dict) -> str:
                      f", at {RSS_WARM_FRACTION:.0%} sent {m['tree_warm_mb']:.1f} ({m['child_warm_mb']:.1f})"
                      f", max {m['tree_max_mb']:.1f} ({m['child_max_mb']:.1f})"
                      f", end {m['tree_end_mb']:.1f} ({m['child_end_mb']:.1f}) MB"
-                     f"; max - at {RSS_WARM_FRACTION:.0%} = {m['growth_after_warm_mb']:+.1f} MB, {m['samples']} samples")
+                     f"; max - at {RSS_WARM_FRACTION:.0%} = {m['growth_after_warm_mb']:+.1f} MB, "
+                     f"{m['samples']} samples")
     lines.append(f"RSS flat means: tree max <= tree RSS once {RSS_WARM_FRACTION:.0%} of the sends are recorded "
                  f"(the first pages claimed and delivered) + {TARGET_RSS_FLAT_MB} MB")
     lines.append("")

@@ -196,7 +196,7 @@ def expire_claimed(conn: Connection, run_id: int, ids: Sequence[int] | None, rea
         WHERE run_id = :run AND status = 'claimed' {"AND id = ANY(:ids)" if ids is not None else ""}
         RETURNING id"""), {"run": run_id, "reason": reason, "ids": list(ids or [])})]
     if rows:
-        conn.execute(sa.text("UPDATE campaign_runs SET expired = expired + :n, updated_at = now() WHERE id = :id"),
+        conn.execute(sa.text("UPDATE campaign_runs SET expired = expired + :n WHERE id = :id"),
                      {"id": run_id, "n": len(rows)})
     return rows
 
@@ -231,8 +231,8 @@ def mark_reported(conn: Connection, run_id: int, statuses: Sequence[tuple[str, b
         WHERE run_id = :run AND customer_id = ANY(:customers) AND reported_at IS NULL"""),
         {"run": run_id, "customers": [c for c, _ in statuses]})
     conn.execute(sa.text("""
-        UPDATE campaign_runs SET reported_true = reported_true + :t, reported_false = reported_false + :f,
-               updated_at = now() WHERE id = :id"""),
+        UPDATE campaign_runs SET reported_true = reported_true + :t, reported_false = reported_false + :f
+        WHERE id = :id"""),  # not updated_at: it is the paging heartbeat (`claim_stale_runs`)
         {"id": run_id, "t": sum(1 for _, s in statuses if s), "f": sum(1 for _, s in statuses if not s)})
 
 
@@ -280,7 +280,11 @@ def runs_for_campaign(conn: Connection, campaign_id: int) -> list[dict[str, Any]
 
 
 def claim_stale_runs(conn: Connection, older_than_s: float, limit: int = 500) -> list[dict[str, Any]]:
-    """Running runs untouched for `older_than_s` (their task was lost); the clock is reset."""
+    """Running runs untouched for `older_than_s` (their task was lost); the clock is reset.
+
+    `updated_at` of a run is its paging heartbeat: only page tasks (and their waits) touch it, not
+    the settling of its batches, so a run whose page task died is found while its sends still settle.
+    """
     return _rows(conn.execute(sa.text("""
         UPDATE campaign_runs SET updated_at = now()
         WHERE id IN (SELECT id FROM campaign_runs
@@ -472,7 +476,7 @@ def settle(conn: Connection, table: LedgerTable, run_id: int | None, *, done: Se
     if run_id is not None and (out.done or out.rejected or out.failed):
         conn.execute(sa.text(f"""
             UPDATE campaign_runs SET {table.done} = {table.done} + :d, rejected = rejected + :r,
-                   failed = failed + :f, updated_at = now() WHERE id = :id"""),
+                   failed = failed + :f WHERE id = :id"""),  # not updated_at: it is the paging heartbeat
                      {"id": run_id, "d": out.done, "r": out.rejected, "f": out.failed})
     return out
 

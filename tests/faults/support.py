@@ -1,14 +1,17 @@
 """Helpers for the fault tests: create a campaign in the fake Optimove, fire it, wait, check exact counts."""
 from __future__ import annotations
 
+import json
 import random
+import time
 from dataclasses import dataclass
 
 import requests
 
 from shared.optimove.rows import parse_execution_row
-from simulator.campaigns import channel_rows, validate_spec
+from simulator.campaigns import channel_rows, expected_sends, validate_spec
 from simulator.driver import notification_bodies
+from simulator.send_driver import _check as check_sends, send_spec
 from cli.embedded import free_port, wait_for_port
 from tests.conftest import poll
 from tests.harness import Processes, post_notification
@@ -151,3 +154,161 @@ def assert_exact(db, sim, campaign: Campaign) -> dict:
     for r in current:
         assert r["granted"] == r["claimed"], r
     return {k: v for k, v in summary.items() if k != "triples"}
+
+
+# -- send campaigns (flow 1: EventTypeID 13 on a send channel) ------------------------------
+
+SEND_ATTRIBUTES = ("Email", "Country")
+SEND_TEMPLATES = (14, 15, 16)
+
+
+@dataclass
+class SendCampaign:
+    """A send campaign created in the fake Optimove and every send the relay must make of it."""
+
+    spec: dict
+    expected: dict  # (channel, customer) -> simulator.campaigns.ExpectedSend
+    fired_at: float = 0.0
+    notification_ids: tuple = ()
+
+    @property
+    def id(self) -> int:
+        return self.spec["campaign_id"]
+
+    @property
+    def channels(self) -> list[int]:
+        return self.spec["channels"]
+
+    def due_by(self, when: float) -> int:
+        """Expected sends due at or before `when` (epoch seconds)."""
+        return sum(send.due.timestamp() <= when for send in self.expected.values())
+
+    @property
+    def last_due(self) -> float:
+        return max(send.due.timestamp() for send in self.expected.values())
+
+
+def send_channel_config(folder, channels, attributes=SEND_ATTRIBUTES) -> str:
+    """A RELAY_CHANNEL_CONFIG file making `channels` send channels (events 13 and 11) asking for `attributes`."""
+    path = folder / "channels.json"
+    path.write_text(json.dumps({"default_role": "bonus", "channels": {
+        str(channel): {"role": "send", "events": [13, 11], "attributes": list(attributes)} for channel in channels}}))
+    return str(path)
+
+
+def create_send_campaign(sim, campaign_id: int, channels=(610,), customers_per_channel: int = 1000,
+                         start: float | None = None, spread: float = 30.0, due_now_fraction: float = 0.5,
+                         overlap: float = 0.0, templates=SEND_TEMPLATES,
+                         attributes=SEND_ATTRIBUTES) -> SendCampaign:
+    """Register a send campaign whose clock started at `start` (epoch seconds, default now): a fraction is
+    due then, the rest falls due evenly over `spread` seconds; compute the expected sends."""
+    start = time.time() if start is None else start
+    spec = validate_spec(send_spec(campaign_id, channels, customers_per_channel, start, spread, due_now_fraction,
+                                   templates, "UTC", True, "mixed", overlap))
+    response = requests.post(f"{sim.optimove_url}/_sim/campaigns", json=spec, timeout=10)
+    assert response.status_code == 200, response.text
+    expected = {send.key: send for send in expected_sends(spec, attributes)}
+    assert response.json()["expected_sends"] == len(expected)
+    return SendCampaign(spec, expected)
+
+
+def fire_sends(base: str, campaign: SendCampaign, seed: int = 7) -> tuple[int, ...]:
+    """Deliver the EventTypeID 13 notifications as Optimove would (shuffled, one twice); note when, and the
+    notification ids the relay answered (one per channel)."""
+    campaign.fired_at = time.time()
+    ids = set()
+    for body in notification_bodies(campaign.id, campaign.channels, random.Random(seed)):
+        response = post_notification(base, body)
+        assert response.status_code in (200, 202), (response.status_code, response.text)
+        ids.add(response.json()["notification_id"])
+    assert len(ids) == len(campaign.channels)
+    campaign.notification_ids = tuple(sorted(ids))
+    return campaign.notification_ids
+
+
+def send_runs(db, campaign_id: int) -> list[dict]:
+    """The send campaign's runs as dicts, by channel then id."""
+    with db.cursor() as cur:
+        cur.execute("""SELECT id, notification_id, channel_id, status, fetch_done, fetched, claimed,
+                              duplicates_skipped, sent, rejected, failed, last_error
+                       FROM campaign_runs WHERE campaign_id = %s ORDER BY channel_id, id""", (campaign_id,))
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def send_statuses(db, campaign_id: int) -> dict[str, int]:
+    """Send ledger rows of the campaign by status."""
+    with db.cursor() as cur:
+        cur.execute("SELECT status, count(*) FROM sends WHERE campaign_id = %s GROUP BY status", (campaign_id,))
+        return dict(cur.fetchall())
+
+
+def wait_sends_done(db, campaign: SendCampaign, timeout: float, runs: int | None = None) -> list[dict]:
+    """Poll Postgres until `runs` runs (default one per channel) of the campaign are `done`; fail at once if
+    a run or a send failed or was rejected."""
+    wanted = len(campaign.channels) if runs is None else runs
+
+    def finished():
+        current = send_runs(db, campaign.id)
+        failed = [r for r in current if r["status"] == "failed"]
+        assert not failed, f"run(s) failed: {failed}"
+        statuses = send_statuses(db, campaign.id)
+        bad = {s: n for s, n in statuses.items() if s in ("failed", "rejected")}
+        assert not bad, f"send(s) parked: {bad}"
+        done = len(current) == wanted and all(r["status"] == "done" for r in current)
+        return current if done else None
+
+    return poll(finished, timeout, 0.1, f"send campaign {campaign.id} done")
+
+
+def send_ledger(sim, campaign_id: int | None = None) -> dict:
+    """The fake send service's ledger summary (with one campaign's entries when `campaign_id` is given)."""
+    params = {"full": 1, "campaign_id": campaign_id} if campaign_id is not None else {}
+    return requests.get(f"{sim.send_admin_url}/_sim/ledger", params=params, timeout=30).json()
+
+
+def assert_sends_exact(db, sim, campaign: SendCampaign, notifications: int | None = None) -> dict:
+    """Every expected send made exactly once at the fake send service, none before its time, with the
+    expected template, attributes and scheduled_time; Postgres agrees to the unit. Returns the fake's
+    counters plus the spec check (`late_seconds_future`, …)."""
+    summary = send_ledger(sim, campaign.id)
+    entries = summary.pop("entries")
+    n = len(campaign.expected)
+    checked = check_sends(entries, campaign.expected, campaign.fired_at)
+    assert checked["missing"] == [], checked["missing"][:10]
+    assert checked["sent"] == n and checked["duplicates"] == 0 and checked["early"] == 0, checked
+    assert checked["rejected"] == 0 and checked["unexpected"] == 0, checked
+    assert (checked["wrong_template"], checked["wrong_time"], checked["wrong_attributes"]) == (0, 0, 0), checked
+    assert all(entry["applications"] == 1 and entry["early"] == 0 for entry in entries)
+    assert len(entries) == n
+    # the fake serves only this campaign in a test: its whole-ledger counters must agree
+    assert summary["duplicate_sends"] == 0 and summary["early"] == 0, summary
+    assert summary["applied"] == summary["unique_keys"] == n and summary["rejected"] == 0, summary
+
+    assert send_statuses(db, campaign.id) == {"sent": n}
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM sends WHERE campaign_id = %s AND updated_at < scheduled_time",
+                    (campaign.id,))
+        assert cur.fetchone()[0] == 0, "a send was settled before its scheduled_time"
+        cur.execute("SELECT channel_id, customer_id, template_id, reference IS NOT NULL FROM sends "
+                    "WHERE campaign_id = %s", (campaign.id,))
+        rows = cur.fetchall()
+        assert {(ch, cu): t for ch, cu, t, _ in rows} == {k: s.template_id for k, s in campaign.expected.items()}
+        assert all(has_reference for *_, has_reference in rows)
+        cur.execute("SELECT status, count(*) FROM notifications WHERE campaign_id = %s GROUP BY 1", (campaign.id,))
+        assert dict(cur.fetchall()) == {"done": notifications or len(campaign.channels)}
+        cur.execute("SELECT sum(attempts), max(attempts) FROM sends WHERE campaign_id = %s", (campaign.id,))
+        attempts, max_attempts = cur.fetchone()
+
+    current = send_runs(db, campaign.id)
+    per_channel = {channel: 0 for channel in campaign.channels}
+    for r in current:
+        assert r["status"] == "done" and r["fetch_done"], r
+        assert r["fetched"] == campaign.spec["customers_per_channel"], r
+        assert r["sent"] == r["claimed"] and r["rejected"] == r["failed"] == 0, r
+        assert r["claimed"] + r["duplicates_skipped"] == r["fetched"], r
+        per_channel[r["channel_id"]] += r["sent"]
+    assert per_channel == {channel: campaign.spec["customers_per_channel"] for channel in campaign.channels}
+    assert sum(r["sent"] for r in current) == n
+    return {**summary, "late_seconds": checked["late_seconds"], "late_seconds_future": checked["late_seconds_future"],
+            "retries": int(attempts) - n, "max_attempts": int(max_attempts)}

@@ -313,7 +313,7 @@ def raw_insert_rate(db_url: str, n: int, page_size: int, campaign_id: int,
     """Rows/s of `execute_values … ON CONFLICT DO NOTHING RETURNING id`, one page per statement, fresh table."""
     spec = {"campaign_id": campaign_id, "channels": list(channels), "customers_per_channel": n,
             "overlap": OVERLAP, "codes": list(CODES), "multi_code_every": MULTI_CODE_EVERY}
-    pages = [[(campaign_id, customer, promo, channel, None, "scheduled_bonus") for customer, promo in pairs]
+    pages = [[(campaign_id, customer, promo, channel, None, "scheduled_bonus") for customer, promo, *_ in pairs]
              for channel, pairs in zip(
                  [c for c in channels for _ in range(0, n, page_size)], channel_pages(spec, page_size))]
     conn = psycopg2.connect(db_url)

@@ -227,6 +227,18 @@ class Campaign:
         self.conn.close()
 
 
+def vacuum(db_url: str) -> None:
+    """VACUUM ANALYZE the ledgers and the inbox now, so no autovacuum of the previous campaign's rows runs
+    during the next window."""
+    conn = psycopg2.connect(db_url)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE grants, sends, notifications, campaign_runs")
+    finally:
+        conn.close()
+
+
 # --- the benchmark ------------------------------------------------------------------------------
 
 def say(args, text: str) -> None:
@@ -264,7 +276,8 @@ def measure(args, phase: str, role: str, relay: dict, meter: CpuMeter, campaign:
 
 
 def run(args) -> dict:
-    roles = list(ROLES) if args.role == "both" else [args.role]
+    roles = (list(ROLES) if args.role == "both" else list(reversed(ROLES)) if args.role == "both-reversed"
+             else [args.role])
     tmp = Path(tempfile.mkdtemp(prefix="relay-realtime-bench-"))
     runs, campaigns_checked = [], []
     with ExitStack() as stack:
@@ -317,6 +330,9 @@ def run(args) -> dict:
                     say(args, f"waiting for campaign {previous.campaign_id} to finish before the next role")
                     campaigns_checked.append(previous.finish(args.timeout, list(workers.values())))
                     previous.close()
+                    if args.vacuum_between:
+                        say(args, "VACUUM ANALYZE of the tables the finished campaign filled")
+                        vacuum(db_url)
                 campaign = previous = Campaign(sim, relay["listener"], db_url, next(ids), args.customers)
                 stack.callback(campaign.close)
                 say(args, f"phase campaign ({role}): campaign {campaign.campaign_id}, 3 x {args.customers} "
@@ -434,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="real-time triggers per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of triggers per run")
     parser.add_argument("--customers", type=int, default=300_000, help="customers per channel of the campaign")
-    parser.add_argument("--role", choices=[*ROLES, "both"], default="bonus",
+    parser.add_argument("--role", choices=[*ROLES, "both", "both-reversed"], default="bonus",
                         help="bonus (channel 600), send (channel 610), or both, each role in each phase")
+    parser.add_argument("--vacuum-between", action="store_true",
+                        help="VACUUM ANALYZE after a role's campaign finished, before the next role's window")
     parser.add_argument("--wait-campaign", action="store_true",
                         help="after the last loaded run, wait for the campaign to finish and check its counts")
     parser.add_argument("--workers", type=int, default=2, help="--concurrency of the campaign worker")

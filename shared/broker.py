@@ -42,6 +42,8 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "sweep": {"task": dispatch.SWEEP, "schedule": settings.sweep_interval_seconds,
                       "options": {"queue": dispatch.sweep().queue, "expires": settings.sweep_interval_seconds}},
+            "deactivate": {"task": dispatch.DEACTIVATE, "schedule": 3600.0,
+                           "options": {"queue": dispatch.deactivate().queue, "expires": 3600.0}},
             "release-due": {"task": dispatch.RELEASE_DUE, "schedule": settings.release_interval_seconds,
                             "options": {"queue": dispatch.release_due().queue,
                                         "expires": settings.release_interval_seconds}},

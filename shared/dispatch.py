@@ -27,8 +27,9 @@ RELEASE_DUE = "relay.release_due"
 REPORT_METRICS = "relay.report_metrics"
 REPORT_STATUSES = "relay.report_statuses"
 REVOKE_BATCH = "relay.revoke_batch"
+DEACTIVATE = "relay.deactivate"
 TASKS = (PROCESS_NOTIFICATION, FETCH_PAGE, GRANT_BATCH, SEND_BATCH, SWEEP, RELEASE_DUE, REPORT_METRICS,
-         REPORT_STATUSES, REVOKE_BATCH)
+         REPORT_STATUSES, REVOKE_BATCH, DEACTIVATE)
 
 REALTIME_EVENT_TYPES = (11,)
 REALTIME_SOURCE = "realtime"  # the `source` of real-time ledger rows: their deliveries stay on REALTIME
@@ -83,6 +84,11 @@ def report_statuses(run_id: int, countdown: float | None = None) -> Enqueue:
     """The task that reports a conditional run's customer statuses to Optimove (a short task racing a
     deadline: on the notifications queue, not behind campaigns' grant batches)."""
     return Enqueue(REPORT_STATUSES, (run_id,), NOTIFICATIONS, countdown)
+
+
+def deactivate(countdown: float | None = None) -> Enqueue:
+    """The promotion-deactivation job (beat schedules it hourly; it acts once per date)."""
+    return Enqueue(DEACTIVATE, (), NOTIFICATIONS, countdown)
 
 
 def deliveries(task: str, rows: Iterable[tuple[int | None, int, str]], size: int) -> list[Enqueue]:

@@ -584,6 +584,48 @@ def unrevoked_cancelled_grants(conn: Connection, limit: int = 10_000) -> dict[in
     return out
 
 
+def grants_of_ended_actions(conn: Connection, ended: Sequence[tuple[str, int, int | None]]) -> dict[int, list[tuple]]:
+    """Campaign -> (grant id, customer, code, reference) of granted grants, not yet revoked, made for the
+    (customer, ActionID, ChannelID) of `ended` (a channel of 0 or none matches any)."""
+    if not ended:
+        return {}
+    out: dict[int, list[tuple]] = {}
+    for campaign_id, grant_id, customer, code, reference in conn.execute(sa.text("""
+            SELECT DISTINCT g.campaign_id, g.id, g.customer_id, g.promo_code, g.reference
+            FROM unnest(CAST(:customers AS text[]), CAST(:actions AS bigint[]), CAST(:channels AS bigint[]))
+                 AS e(customer_id, action_id, channel_id)
+            JOIN grants g ON g.customer_id = e.customer_id AND g.action_id = e.action_id
+                         AND (coalesce(e.channel_id, 0) = 0 OR g.channel_id IS NULL OR g.channel_id = e.channel_id)
+            WHERE g.status = 'granted' AND NOT EXISTS (SELECT 1 FROM revokes r WHERE r.grant_id = g.id)
+            ORDER BY g.id"""), {"customers": [c for c, _, _ in ended], "actions": [a for _, a, _ in ended],
+                                "channels": [ch for _, _, ch in ended]}):
+        out.setdefault(campaign_id, []).append((grant_id, customer, code, reference))
+    return out
+
+
+def deactivated_dates(conn: Connection, since: Any) -> set:
+    """Dates since `since` whose ended actions were processed."""
+    return {r[0] for r in conn.execute(sa.text(
+        "SELECT date FROM deactivations WHERE date >= :since AND status = 'done'"), {"since": since})}
+
+
+def start_deactivation(conn: Connection, day: Any) -> None:
+    """Record that a date's ended actions are being processed (again, after a failure)."""
+    conn.execute(sa.text("""
+        INSERT INTO deactivations (date) VALUES (:d)
+        ON CONFLICT (date) DO UPDATE SET status = 'running', last_error = NULL WHERE deactivations.status <> 'done'"""),
+        {"d": day})
+
+
+def finish_deactivation(conn: Connection, day: Any, status: str, rows_read: int, revokes: int,
+                        error: str | None = None) -> None:
+    """Record a date's outcome."""
+    conn.execute(sa.text("""
+        UPDATE deactivations SET status = :s, rows_read = :n, revokes = revokes + :r, last_error = :e,
+               finished_at = now() WHERE date = :d"""),
+        {"d": day, "s": status, "n": rows_read, "r": revokes, "e": error and error[:2000]})
+
+
 def cancellation_run(conn: Connection, campaign_id: int) -> int | None:
     """The latest cancellation run of a campaign, if it was cancelled."""
     return conn.execute(sa.text("""

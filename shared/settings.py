@@ -282,6 +282,9 @@ class Settings:
                                          "send run completes")
     optimove_sent_metric_id: int = _opt("OPTIMOVE_SENT_METRIC_ID", _int(0, 10_000), 0,
                                         "MetricID of the 'sent' count in UpdateCampaignMetrics")
+    deactivation: bool = _opt("RELAY_DEACTIVATION", _flag, False,
+                              "revoke the promotions of Optimove actions that ended (GetCustomersActionEndedByDate), "
+                              "once per date")
     release_interval_seconds: float = _opt("RELAY_RELEASE_INTERVAL", _float(0.2, 5), 2.0,
                                            "how often beat releases timed sends that are due (at most 5)")
     bonus_adapter: str = _opt("BONUS_ADAPTER", None, "http", "bonus adapter name (entry point)")

@@ -111,7 +111,8 @@ def db(database_url):
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("TRUNCATE grants, campaign_runs, notifications RESTART IDENTITY CASCADE")
+        cur.execute("TRUNCATE grants, sends, revokes, promotion_statuses, cancelled_customers, deactivations, "
+                    "campaign_runs, notifications RESTART IDENTITY CASCADE")
     yield conn
     conn.close()
 

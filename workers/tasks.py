@@ -6,7 +6,7 @@ from celery import Celery, shared_task
 from shared import dispatch
 from shared.broker import publish
 from shared.db import once_more_if_stale
-from shared.flows import conditional, inbox, paging, runs, sweeper
+from shared.flows import conditional, deactivation, inbox, paging, runs, sweeper
 from shared.flows.grants import GRANTS
 from shared.flows.revokes import REVOKES
 from shared.flows.routing import FLOWS
@@ -72,6 +72,12 @@ def report_metrics_task(self, run_id: int, attempt: int = 1) -> None:
 def report_statuses_task(self, run_id: int) -> None:
     """Report a conditional run's customer statuses to Optimove."""
     _run(self, conditional.report_statuses, run_id, run_id=run_id)
+
+
+@shared_task(name=dispatch.DEACTIVATE, bind=True)
+def deactivate_task(self) -> None:
+    """Revoke the promotions of Optimove actions that ended (with RELAY_DEACTIVATION)."""
+    _run(self, deactivation.deactivate)
 
 
 def register(app: Celery) -> None:

@@ -11,21 +11,25 @@ from shared import dispatch, repository as repo
 from shared.adapters.bonus import GrantItem
 from shared.flows.ledger import Ledger, Scope
 from shared.flows.revokes import REVOKES
-from shared.optimove.rows import customer_codes
+from shared.optimove.rows import customer_codes, parse_int
 
 
 class Grants(Ledger):
-    """Claims are (customer id, promo code) pairs."""
+    """Claims are (customer id, promo code) pairs, or (customer id, promo code, ActionID) triples from
+    campaign pages (the ActionID lets promotion deactivation find the grant)."""
 
     table = repo.GRANTS
     task = dispatch.GRANT_BATCH
     noun = "grant"
     settings_prefix = "bonus"
 
-    def columns(self, scope: Scope, claims: list[tuple[str, str]]) -> dict[str, tuple[str, list]]:
-        pairs = sorted(claims)
-        return {"customer_id": ("text", [c for c, _ in pairs]), "promo_code": ("text", [p for _, p in pairs]),
-                "idempotency_key": ("text", scope.keys(pairs))}
+    def columns(self, scope: Scope, claims: list[tuple]) -> dict[str, tuple[str, list]]:
+        claims = sorted(claims, key=_unique_key)
+        out = {"customer_id": ("text", [c[0] for c in claims]), "promo_code": ("text", [c[1] for c in claims]),
+               "idempotency_key": ("text", scope.keys((c[0], c[1]) for c in claims))}
+        if claims and len(claims[0]) > 2:
+            out["action_id"] = ("bigint", [c[2] for c in claims])
+        return out
 
     def item(self, row: repo.ClaimedRow) -> GrantItem:
         v = row.values
@@ -50,12 +54,19 @@ class Grants(Ledger):
 GRANTS = Grants()
 
 
-def codes_per_customer(rows: list[Any]) -> list[tuple[str, str]]:
-    """(customer, code) claims of a page of customer rows carrying `PromoCode` (skips rows without a customer)."""
-    pairs: list[tuple[str, str]] = []
+def _unique_key(claim: tuple) -> tuple:
+    return claim[0], claim[1]
+
+
+def codes_per_customer(rows: list[Any]) -> list[tuple[str, str, int | None]]:
+    """(customer, code, ActionID) claims of a page of customer rows carrying `PromoCode` (skips rows without
+    a customer)."""
+    claims: list[tuple[str, str, int | None]] = []
     for row in rows:
         found = customer_codes(row)
         if found is not None:
             customer, codes = found
-            pairs.extend((customer, code) for code in codes)
-    return pairs
+            action = row.get("ActionID") if type(row) is dict else None
+            action = action if type(action) is int else parse_int(action)
+            claims.extend((customer, code, action) for code in codes)
+    return claims

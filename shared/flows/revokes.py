@@ -39,6 +39,10 @@ class Revokes(Ledger):
         found = repo.granted_to(conn, scope.campaign_id, sorted(set(customers)), cancelled_only=True)
         return super().claim(conn, scope, found) if found else repo.Claimed()
 
+    def claim_grants(self, conn, scope: Scope, grants: list[tuple]) -> repo.Claimed:
+        """Revokes for the given (grant id, customer, code, reference) grants of the scope's campaign."""
+        return super().claim(conn, scope, grants)
+
     def columns(self, scope: Scope, claims: list[tuple]) -> dict[str, tuple[str, list]]:
         claims = sorted(claims)  # by grant id, the unique key
         return {"customer_id": ("text", [c for _, c, _, _ in claims]),

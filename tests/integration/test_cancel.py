@@ -145,3 +145,56 @@ def test_without_revoke_support_grants_are_marked_revoke_unsupported(rt, db):
     assert statuses(db, "grants") == {"revoke_unsupported": 1}
     assert statuses(db, "revokes") == {"rejected": 1}
     assert "BONUS_REVOKE_URL" in count(db, "SELECT reason FROM revokes")
+
+
+def test_deactivation_revokes_grants_of_ended_actions_once_per_date(database_url, redis_url, db, tmp_path):
+    from shared.flows import deactivation
+
+    runtime = Runtime(make_settings(DATABASE_URL=database_url, REDIS_URL=redis_url, RELAY_DEACTIVATION="true",
+                                    OPTIMOVE_PAGE_SIZE=2, RELAY_SWEEP_AFTER=1))
+    optimove = FakeOptimove()
+    asked: list[dict] = []
+
+    def iter_pages(category, function, params, page_size):
+        asked.append(dict(params))
+        rows = optimove.pages.get((function, None), []) if params["Date"] == yesterday else []
+        for i in range(0, len(rows), page_size):
+            yield rows[i:i + page_size]
+
+    optimove.iter_pages = iter_pages
+    runtime.__dict__["optimove"] = optimove
+    runtime.__dict__["bonus"] = FakeBonusAdapter()
+    try:
+        optimove.pages[("GetCustomerExecutionDetailsByCampaign", BONUS)] = [
+            {"CustomerID": "C1", "PromoCode": "A,B", "ActionID": 4}, {"CustomerID": "C2", "PromoCode": "A",
+                                                                       "ActionID": "5"},
+            {"CustomerID": "C3", "PromoCode": "A", "ActionID": 4}]
+        drain(runtime, inbox.process_notification(runtime, scheduled(runtime, BONUS)))
+        assert count(db, "SELECT count(*) FROM grants WHERE action_id IS NOT NULL AND status = 'granted'") == 4
+        today = count(db, "SELECT (now() AT TIME ZONE 'UTC')::date")
+        yesterday = (today - timedelta(days=1)).isoformat()
+        optimove.pages[("GetCustomersActionEndedByDate", None)] = [
+            {"CustomerID": "C1", "ActionID": 4, "ChannelID": BONUS, "Date": yesterday},   # both codes of C1
+            {"CustomerID": "C2", "ActionID": 9, "ChannelID": BONUS},                     # another action
+            {"CustomerID": "C3", "ActionID": "4", "ChannelID": 0},                        # any channel
+            {"CustomerID": "C3", "ActionID": 4, "ChannelID": 999}]                        # another channel
+        drain(runtime, deactivation.deactivate(runtime))
+        assert [p["Date"] for p in asked] == [(today - timedelta(days=k)).isoformat() for k in (3, 2, 1)]
+        assert sorted((i.customer_id, i.promo_code) for i in runtime.bonus.revoked.values()) == \
+            [("C1", "A"), ("C1", "B"), ("C3", "A")]
+        with db.cursor() as cur:
+            cur.execute("SELECT customer_id, status FROM grants ORDER BY customer_id, promo_code")
+            assert cur.fetchall() == [("C1", "revoked"), ("C1", "revoked"), ("C2", "granted"), ("C3", "revoked")]
+            cur.execute("SELECT date::text, status, rows_read, revokes FROM deactivations ORDER BY date")
+            assert cur.fetchall()[-1] == (yesterday, "done", 4, 3)
+        asked.clear()
+        assert deactivation.deactivate(runtime) == [] and asked == []  # each date once
+    finally:
+        runtime.engine.dispose()
+
+
+def test_deactivation_is_off_by_default(rt, db):
+    from shared.flows import deactivation
+
+    assert deactivation.deactivate(rt) == []
+    assert count(db, "SELECT count(*) FROM deactivations") == 0

@@ -67,7 +67,7 @@ def campaign(data_dir: Path, role: str, channels: str | None, customers: int, ov
     spread over --spread seconds; the run fails when a send arrives early, twice, with the wrong
     template, attributes or scheduled_time, or not at all.
     """
-    from simulator.driver import format_for_role, run_for_role
+    from simulator.roles import format_for_role, run_for_role
 
     channel_ids = _int_list(channels or ("610" if role == "send" else ",".join(CAMPAIGN_CHANNELS)), "--channels")
     info = _up_info(data_dir)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from simulator import driver, server
+from simulator import driver, roles, server
 
 
 def _rate_limit(text: str) -> tuple[int, float]:
@@ -89,7 +89,7 @@ def _drive(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if args.role == "send":
         if not args.send_admin_url:
             parser.error("--role send needs --send-admin-url")
-        return driver.run_for_role(
+        return roles.run_for_role(
             "send", args.listener_url, args.optimove_url, args.send_admin_url, args.status_url, auth,
             channels=args.channels or (610,), customers_per_channel=args.customers_per_channel,
             overlap=args.overlap or 0.0, templates=args.templates, attributes=args.attributes,
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             send_faults={"reject_template_ids": tuple(args.reject_template_ids), "seed": args.seed})
         return 0
     summary = _drive(args, parser)
-    print(driver.format_for_role(summary))
+    print(roles.format_for_role(summary))
     return 0 if summary["ok"] else 1
 
 

@@ -3,7 +3,7 @@
 It creates a multi-channel campaign in the fake Optimove, fires the EventTypeID 13
 notifications out of order and with one duplicate, polls the relay's status endpoint
 until every channel's run has finished, and compares the bonus ledger with the spec.
-Send campaigns (flow 1) are driven by ``simulator.send_driver``; ``run_for_role`` runs either.
+Send campaigns (flow 1) are driven by ``simulator.send_driver``; ``simulator.roles.run_for_role`` runs either.
 """
 
 from __future__ import annotations
@@ -169,29 +169,3 @@ def format_summary(summary: dict) -> str:
         f"  time                {summary['seconds']:.2f} s, {summary['customers_per_second']:.0f} customers/s",
     ]
     return "\n".join(lines)
-
-
-def run_for_role(role: str, listener_url: str, optimove_url: str, admin_url: str, status_url: str | None,
-                 admin_auth: tuple[str, str], **options) -> dict:
-    """Run a campaign of ``role``: ``bonus`` (``run_campaign``; ``admin_url`` is the fake bonus
-    system's) or ``send`` (``send_driver.run_send_campaign``; the fake send service's).
-
-    ``options`` are that function's keyword arguments.
-    """
-    if role == "bonus":
-        return run_campaign(listener_url, optimove_url, admin_url, status_url, admin_auth=admin_auth, **options)
-    if role == "send":
-        from simulator.send_driver import run_send_campaign
-
-        return run_send_campaign(listener_url, optimove_url, admin_url, status_url, admin_auth=admin_auth,
-                                 **options)
-    raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-
-
-def format_for_role(summary: dict) -> str:
-    """``format_summary`` or, for a send campaign's summary, ``send_driver.format_send_summary``."""
-    if summary.get("role") == "send":
-        from simulator.send_driver import format_send_summary
-
-        return format_send_summary(summary)
-    return format_summary(summary)

@@ -60,7 +60,22 @@ def limiter_key(api_key: Secret, prefix: str = "relay:ratelimit") -> str:
     return f"{prefix}:{hashlib.sha256(api_key.get().encode()).hexdigest()}"
 
 
-class RateLimiter:
+class _Waits:
+    """`acquire` on top of a limiter's `try_acquire`, `_clock` and `_sleep`."""
+
+    def acquire(self, deadline_s: float, priority: bool = False) -> bool:
+        """Wait (sleeping the returned waits, never spinning) up to `deadline_s` seconds from now for a slot."""
+        end = self._clock() + deadline_s
+        while True:
+            wait = self.try_acquire(priority)
+            if wait == 0.0:
+                return True
+            if self._clock() + wait > end:
+                return False
+            self._sleep(wait)
+
+
+class RateLimiter(_Waits):
     """At most `limit.count` grants per `limit.seconds` for one API key, across all processes."""
 
     def __init__(self, redis_client, api_key: Secret, limit: RateLimit, prefix: str = "relay:ratelimit",
@@ -91,19 +106,8 @@ class RateLimiter:
         caller that has to wait holds back ordinary callers until it got its slot."""
         return self.try_acquire_at(priority)[0]
 
-    def acquire(self, deadline_s: float, priority: bool = False) -> bool:
-        """Wait (sleeping the returned waits, never spinning) up to `deadline_s` seconds from now for a slot."""
-        end = self._clock() + deadline_s
-        while True:
-            wait = self.try_acquire(priority)
-            if wait == 0.0:
-                return True
-            if self._clock() + wait > end:
-                return False
-            self._sleep(wait)
 
-
-class LocalRateLimiter:
+class LocalRateLimiter(_Waits):
     """The sliding window of `RateLimiter`, kept in this process only (thread-safe).
 
     For a one-off command run without `REDIS_URL`: it keeps that command within the limit, but
@@ -134,17 +138,6 @@ class LocalRateLimiter:
                 self._grants.append(now)
                 return 0.0
             return max(self._grants[0] + self._window - now, 1e-6)
-
-    def acquire(self, deadline_s: float, priority: bool = False) -> bool:
-        """Wait (sleeping the returned waits) up to `deadline_s` seconds from now for a slot."""
-        end = self._clock() + deadline_s
-        while True:
-            wait = self.try_acquire(priority)
-            if wait == 0.0:
-                return True
-            if self._clock() + wait > end:
-                return False
-            self._sleep(wait)
 
 
 def limiter_from_settings(settings) -> RateLimiter | LocalRateLimiter:

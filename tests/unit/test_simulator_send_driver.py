@@ -13,7 +13,7 @@ import requests
 from click.testing import CliRunner
 
 from cli.simulate import simulate
-from simulator import driver, server
+from simulator import driver, roles, server
 from simulator.send_driver import format_send_summary, run_send_campaign
 
 API_KEY = "driver-key"
@@ -217,13 +217,13 @@ def test_a_campaign_id_already_in_the_ledger_is_refused(world):
 def test_run_for_role_dispatches_to_the_send_driver(world):
     sim, make_relay, _ = world
     _, url = make_relay()
-    summary = driver.run_for_role("send", f"{url}/listener?token={TOKEN}", sim.optimove_url, sim.send_admin_url,
+    summary = roles.run_for_role("send", f"{url}/listener?token={TOKEN}", sim.optimove_url, sim.send_admin_url,
                                   None, None, customers_per_channel=4, spread=0.0, attributes=ATTRIBUTES,
                                   timeout=5)
     assert summary["ok"] and summary["role"] == "send" and summary["relay_status"] is None
-    assert "Send campaign" in driver.format_for_role(summary)
+    assert "Send campaign" in roles.format_for_role(summary)
     with pytest.raises(ValueError, match="role"):
-        driver.run_for_role("pigeon", "", "", "", None, None)
+        roles.run_for_role("pigeon", "", "", "", None, None)
 
 
 def test_cli_campaign_role_send_reads_up_json(world, tmp_path):

@@ -42,6 +42,12 @@ def up(port: int, data_dir: Path, flower_port: int, workers: int, simulator: boo
     from cli.supervisor import Supervisor
 
     settings = load_settings()
+    if settings.log_format is None:  # the children write to pipes: give them the format of this terminal
+        from dataclasses import replace
+
+        from shared.logs import resolve_format
+
+        settings = replace(settings, log_format=resolve_format(None))
     sys.exit(Supervisor(settings, data_dir, port, flower_port, workers, simulator).run())
 
 
@@ -79,7 +85,7 @@ def web(port: int, bind: str, workers: int, threads: int) -> None:
     argv = [sys.executable, "-m", "gunicorn", "--bind", f"{bind}:{port}", "--workers", str(workers),
             "--threads", str(threads), "--worker-class", "gthread" if threads > 1 else "sync",
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
-            "--graceful-timeout", "10", "web.app:create_app()"]
+            "--graceful-timeout", "10", "--logger-class", "shared.logs.GunicornLogger", "web.app:create_app()"]
     os.execv(sys.executable, argv)
 
 
@@ -88,6 +94,13 @@ def _celery():
 
     settings = load_settings("database_url", "redis_url")
     return create_celery(settings), settings
+
+
+def _quiet(settings) -> list[str]:
+    """Celery's `-q` when logging json: its start-up banner is printed, not logged."""
+    from shared.logs import resolve_format
+
+    return ["-q"] if resolve_format(settings.log_format) == "json" else []
 
 
 @main.command()
@@ -112,8 +125,9 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
         pool = "custom"
     if pool == "solo":
         concurrency = 1
-    app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "-n", f"relay-{os.getpid()}@%h",
-                     "--loglevel", settings.log_level.upper(), "--without-gossip", "--without-mingle"])
+    app.worker_main([*_quiet(settings), "worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
+                     "-n", f"relay-{os.getpid()}@%h", "--loglevel", settings.log_level.upper(),
+                     "--without-gossip", "--without-mingle"])
 
 
 @main.command()
@@ -122,7 +136,7 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
 def beat(schedule_file: str) -> None:
     """Run Celery beat (the sweeper)."""
     app, settings = _celery()
-    app.start(["beat", "--schedule", schedule_file, "--loglevel", settings.log_level.upper()])
+    app.start([*_quiet(settings), "beat", "--schedule", schedule_file, "--loglevel", settings.log_level.upper()])
 
 
 @main.command()
@@ -214,6 +228,20 @@ main.add_command(simulate)
 from cli.optimove_setup import templates  # noqa: E402
 
 main.add_command(templates)
+
+from cli.promotions import promotions  # noqa: E402
+
+main.add_command(promotions)
+
+from cli.inspection import grants, notifications, sends  # noqa: E402
+
+main.add_command(grants)
+main.add_command(sends)
+main.add_command(notifications)
+
+from cli.listeners import listeners  # noqa: E402
+
+main.add_command(listeners)
 
 if __name__ == "__main__":
     main()

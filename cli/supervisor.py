@@ -34,7 +34,7 @@ COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "s
 
 # The channels of the simulator's demo (used when RELAY_CHANNEL_CONFIG is unset): the campaign
 # driver's bonus channels, and a bonus and a send channel for real-time triggers.
-DEMO_CHANNELS = {"default_role": "bonus", "channels": {
+DEMO_CHANNELS = {"default_role": "bonus", "conditional": True, "channels": {
     "504": {"role": "bonus"}, "505": {"role": "bonus"}, "506": {"role": "bonus"},
     "600": {"role": "bonus", "events": [11]}, "610": {"role": "send", "events": [13, 11], "attributes": ["Email", "Country"]}}}
 

@@ -671,3 +671,76 @@ def ledger_counts(conn: Connection, table: LedgerTable, campaign_id: int) -> dic
     """Ledger rows of a campaign by status."""
     return {s: n for s, n in conn.execute(sa.text(
         f"SELECT status, count(*) FROM {table.name} WHERE campaign_id = :c GROUP BY status"), {"c": campaign_id})}
+
+
+# -- operator re-drive and inspection (`relay grants|sends retry`, `relay notifications`) ----------
+
+def campaigns_with_status(conn: Connection, table: LedgerTable, status: str,
+                          campaign_id: int | None = None) -> dict[int, int]:
+    """Campaign -> number of its rows of `table` in `status` (only `campaign_id`'s when given)."""
+    return {c: n for c, n in conn.execute(sa.text(f"""
+        SELECT campaign_id, count(*) FROM {table.name}
+        WHERE status = :s AND (CAST(:c AS bigint) IS NULL OR campaign_id = :c)
+        GROUP BY campaign_id ORDER BY campaign_id"""), {"s": status, "c": campaign_id})}
+
+
+def campaign_known(conn: Connection, campaign_id: int) -> bool:
+    """Whether the relay has any notification, run or ledger row of the campaign."""
+    parts = ["SELECT 1 FROM notifications WHERE campaign_id = :c", "SELECT 1 FROM campaign_runs WHERE campaign_id = :c"]
+    parts += [f"SELECT 1 FROM {t.name} WHERE campaign_id = :c" for t in LEDGER_TABLES]
+    return conn.execute(sa.text("SELECT " + " OR ".join(f"EXISTS ({p})" for p in parts)),
+                        {"c": campaign_id}).scalar_one()
+
+
+NOTIFICATION_COLUMNS = ("id, event_type, campaign_id, channel_id, dedupe_key, status, attempts, last_error, "
+                        "received_at, updated_at, processed_at")
+
+
+def list_notifications(conn: Connection, *, status: str | None = None, event_type: int | None = None,
+                       campaign_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest `limit` notifications (without payload), newest first, filtered when given."""
+    return _rows(conn.execute(sa.text(f"""
+        SELECT {NOTIFICATION_COLUMNS} FROM notifications
+        WHERE (CAST(:s AS text) IS NULL OR status = :s) AND (CAST(:e AS integer) IS NULL OR event_type = :e)
+          AND (CAST(:c AS bigint) IS NULL OR campaign_id = :c)
+        ORDER BY id DESC LIMIT :limit"""), {"s": status, "e": event_type, "c": campaign_id, "limit": limit}))
+
+
+def notification_runs(conn: Connection, notification_id: int) -> list[dict[str, Any]]:
+    """The runs a notification opened, oldest first."""
+    return _rows(conn.execute(sa.text(
+        f"SELECT {RUN_COLUMNS} FROM campaign_runs WHERE notification_id = :n ORDER BY id"), {"n": notification_id}))
+
+
+def notification_ledger_counts(conn: Connection, notification_id: int) -> dict[str, dict[str, int]]:
+    """Ledger rows by status that a notification claimed (itself, real-time, or through its runs)."""
+    out: dict[str, dict[str, int]] = {}
+    for table in LEDGER_TABLES:
+        out[table.name] = {s: n for s, n in conn.execute(sa.text(f"""
+            SELECT status, count(*) FROM {table.name}
+            WHERE notification_id = :n OR run_id IN (SELECT id FROM campaign_runs WHERE notification_id = :n)
+            GROUP BY status ORDER BY status"""), {"n": notification_id})}
+    return out
+
+
+def replay_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:
+    """Put a notification back to `received` (fresh attempts) and its finished runs back to paging from the
+    first page; the ledgers' unique keys keep what they claimed before from being claimed again.
+
+    Runs that were cancelled, or whose deadline has passed, are left alone. Returns the notification's
+    id, event type and previous status plus `runs` (ids of the runs reopened), or None if there is none.
+    """
+    row = conn.execute(sa.text("""
+        UPDATE notifications n SET status = 'received', attempts = 0, last_error = NULL, processed_at = NULL,
+               updated_at = now()
+        FROM (SELECT id, status FROM notifications WHERE id = :id FOR UPDATE) old
+        WHERE n.id = old.id RETURNING n.id, n.event_type, n.campaign_id, old.status AS previous"""),
+        {"id": notification_id}).first()
+    if row is None:
+        return None
+    runs = [r[0] for r in conn.execute(sa.text("""
+        UPDATE campaign_runs SET status = 'running', cursor = 0, fetch_done = false, attempts = 0,
+               last_error = NULL, finished_at = NULL, updated_at = now()
+        WHERE notification_id = :n AND status IN ('done', 'failed') AND (deadline IS NULL OR deadline > now())
+        RETURNING id"""), {"n": notification_id})]
+    return {**dict(row._mapping), "runs": sorted(runs)}

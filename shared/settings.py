@@ -268,6 +268,9 @@ class Settings:
     admin_password: Secret | None = _opt("RELAY_ADMIN_PASSWORD", _secret, doc="basic-auth password for /api/")
     channel_config_path: str | None = _opt("RELAY_CHANNEL_CONFIG", doc="path of the channel roles JSON file")
     log_level: str = _opt("RELAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info")
+    log_format: str | None = _opt("RELAY_LOG_FORMAT", _choice("json", "console"),
+                                  doc="json (one JSON object per line) or console; unset: json unless stderr "
+                                      "is a terminal")
     optimove_api_url: str | None = _opt("OPTIMOVE_API_URL", _url(("http", "https")),
                                         doc="Optimove API base, e.g. https://api5.optimove.net/current")
     optimove_api_key: Secret | None = _opt("OPTIMOVE_API_KEY", _secret, doc="Optimove X-API-KEY")

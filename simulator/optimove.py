@@ -150,10 +150,10 @@ def _add_promotions(state: OptimoveState, body: Any):
         raise BadRequest("Body must be a non-empty array of promotions.")
     if len(body) > MAX_PROMOTIONS:
         raise BadRequest(f"At most {MAX_PROMOTIONS} promotions per call.")
-    for item in body:
-        if not (isinstance(item, dict) and isinstance(item.get("PromoCode"), str) and item["PromoCode"]
-                and isinstance(item.get("PromotionName"), str)):
-            raise BadRequest("Each promotion needs a PromoCode and a PromotionName.")
+    for index, item in enumerate(body):
+        if not (isinstance(item, dict) and isinstance(item.get("PromoCode"), str) and item["PromoCode"].strip()
+                and isinstance(item.get("PromotionName"), str) and item["PromotionName"].strip()):
+            raise BadRequest(f"Item {index}: each promotion needs a PromoCode and a non-empty PromotionName.")
     for item in body:
         state.promotions[item["PromoCode"]] = item["PromotionName"]
     return None
@@ -163,13 +163,41 @@ def _get_promotions(state: OptimoveState, body: Any):
     return [{"PromoCode": code, "PromotionName": name} for code, name in state.promotions.items()]
 
 
-def _register_listener(state: OptimoveState, body: Any):
-    if not (isinstance(body, dict) and _is_int(body.get("EventTypeID"))
-            and isinstance(body.get("ListenerURL"), str) and body["ListenerURL"]):
-        raise BadRequest("EventTypeID (integer) and ListenerURL are required.")
+def _delete_promotions(state: OptimoveState, body: Any):
+    """``[{"PromoCode": "WB23"}, …]``, at most 100; codes Optimove does not have are ignored."""
+    if not isinstance(body, list) or not body:
+        raise BadRequest("Body must be a non-empty array of promotions.")
+    if len(body) > MAX_PROMOTIONS:
+        raise BadRequest(f"At most {MAX_PROMOTIONS} promotions per call.")
+    for index, item in enumerate(body):
+        if not (isinstance(item, dict) and isinstance(item.get("PromoCode"), str) and item["PromoCode"]):
+            raise BadRequest(f"Item {index}: each promotion needs a PromoCode.")
+    for item in body:
+        state.promotions.pop(item["PromoCode"], None)
+    return None
+
+
+CHANNEL_LESS_EVENTS = (5,)  # protocol 4.3: EventTypeID 5 "must be registered without ChannelID"
+
+
+def _listener_channel(body: dict) -> int | None:
     channel = body.get("ChannelID")
-    if channel is not None and not _is_int(channel):
-        raise BadRequest("ChannelID must be an integer.")
+    if channel is not None and not (_is_int(channel) and channel > 0):
+        raise BadRequest("ChannelID must be a positive integer.")
+    return channel
+
+
+def _register_listener(state: OptimoveState, body: Any):
+    """One listener per (EventTypeID, ChannelID); registering the same pair again replaces its URL
+    (protocol 4.1: "only repeat to change the URL or add channels")."""
+    if not (isinstance(body, dict) and _is_int(body.get("EventTypeID")) and body["EventTypeID"] > 0
+            and isinstance(body.get("ListenerURL"), str) and body["ListenerURL"].strip()):
+        raise BadRequest("EventTypeID (integer) and ListenerURL are required.")
+    if not body["ListenerURL"].strip().lower().startswith(("http://", "https://", "http%3a", "https%3a")):
+        raise BadRequest("ListenerURL must be an http(s) URL.")
+    channel = _listener_channel(body)
+    if channel is not None and body["EventTypeID"] in CHANNEL_LESS_EVENTS:
+        raise BadRequest(f"EventTypeID {body['EventTypeID']} must be registered without a ChannelID.")
     entry = {"EventTypeID": body["EventTypeID"], "ListenerURL": body["ListenerURL"]}
     if channel is not None:
         entry["ChannelID"] = channel
@@ -178,14 +206,19 @@ def _register_listener(state: OptimoveState, body: Any):
 
 
 def _unregister_listener(state: OptimoveState, body: Any):
+    """`{"EventTypeID": N}` stops every registration of that type (protocol 4.2); with a ChannelID,
+    only that channel's. Nothing registered is not an error."""
     if not (isinstance(body, dict) and _is_int(body.get("EventTypeID"))):
         raise BadRequest("EventTypeID (integer) is required.")
-    state.listeners.pop((body["EventTypeID"], body.get("ChannelID")), None)
+    channel = _listener_channel(body)
+    for key in [k for k in state.listeners if k[0] == body["EventTypeID"] and (channel is None or k[1] == channel)]:
+        del state.listeners[key]
     return None
 
 
 def _get_listeners(state: OptimoveState, body: Any):
-    return list(state.listeners.values())
+    """`[{"EventTypeID", "ChannelID" (only when registered with one), "ListenerURL"}]` by event type, channel."""
+    return [dict(state.listeners[key]) for key in sorted(state.listeners, key=lambda k: (k[0], k[1] or 0))]
 
 
 def _update_promotion_status(state: OptimoveState, body: Any):
@@ -427,6 +460,7 @@ def _get_channel_templates(state: OptimoveState, body: Any):
 ROUTES: dict[tuple[str, str], tuple[str, Callable]] = {
     ("integrations", "AddPromotions"): ("POST", _add_promotions),
     ("integrations", "GetPromotions"): ("GET", _get_promotions),
+    ("integrations", "DeletePromotions"): ("POST", _delete_promotions),
     ("integrations", "AddChannelTemplates"): ("POST", _add_channel_templates),
     ("integrations", "GetChannelTemplates"): ("GET", _get_channel_templates),
     ("integrations", "UpdateCustomerPromotionStatus"): ("POST", _update_promotion_status),

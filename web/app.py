@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Flask
 
 from shared import broker
-from shared.logs import configure as configure_logging
+from shared.logs import configure_for as configure_logging
 from shared.runtime import Runtime
 from shared.settings import Settings
 from web import api, errors, health, listener, metrics
@@ -14,7 +14,7 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     """Build the Flask app from `settings` (default: the environment) and a Celery app for publishing."""
     settings = settings or Settings.from_env()
     settings.require("database_url", "redis_url")
-    configure_logging(settings.log_level)
+    configure_logging(settings)  # RELAY_LOG_LEVEL, RELAY_LOG_FORMAT, and the secrets to scrub
     app = Flask("relay")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # no pre-ping round trip per request: the listener retries once on a stale pooled connection

@@ -28,13 +28,13 @@ def _fail(message: str, code: int = 2):
 
 
 def _celery():
-    from cli.main import _celery as build
+    from cli.common import celery_app
 
-    return build()
+    return celery_app()
 
 
 def _engine():
-    from cli.main import load_settings
+    from cli.common import load_settings
     from shared.runtime import Runtime
 
     return Runtime(load_settings("database_url")).engine

@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 
 import click
 
+from cli.optimove_setup import redis_errors
 from shared.redact import redact
 from shared.settings import ChannelConfig, Settings, SettingsError
 
@@ -236,12 +237,6 @@ def _client(settings: Settings):
     return OptimoveClient.from_settings(settings, limiter_from_settings(settings))
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from redis.exceptions import RedisError
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return ()
-    return (RedisError,)
 
 
 class _Calls:
@@ -265,7 +260,7 @@ class _Calls:
             return call_with_retry(run)
         except OptimoveError as exc:
             self.out.fail(f"{function} failed: {exc.reason}" + (f"\n{done}" if done else ""))
-        except _redis_errors() as exc:
+        except redis_errors() as exc:
             self.out.fail(f"REDIS_URL: the shared Optimove rate limit is unreachable ({type(exc).__name__}: {exc}); "
                           "start that Redis, or unset REDIS_URL to limit this command in-process only"
                           + (f"\n{done}" if done else ""))

@@ -9,19 +9,10 @@ from pathlib import Path
 
 import click
 
+from cli.common import celery_app as _celery, load_settings
 from shared.dispatch import QUEUES
-from shared.settings import Settings, SettingsError
 
 DEFAULT_DATA_DIR = ".relay"
-
-
-def load_settings(*required: str) -> Settings:
-    """Settings from the environment, or exit 2 with a message naming every bad variable."""
-    try:
-        return Settings.from_env().require(*required)
-    except SettingsError as exc:
-        click.echo(f"relay: {exc}", err=True)
-        sys.exit(2)
 
 
 @click.group()
@@ -87,13 +78,6 @@ def web(port: int, bind: str, workers: int, threads: int) -> None:
             "--access-logfile", "-", "--access-logformat", '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
             "--graceful-timeout", "10", "--logger-class", "shared.logs.GunicornLogger", "web.app:create_app()"]
     os.execv(sys.executable, argv)
-
-
-def _celery():
-    from workers.app import create_celery
-
-    settings = load_settings("database_url", "redis_url")
-    return create_celery(settings), settings
 
 
 def _quiet(settings) -> list[str]:

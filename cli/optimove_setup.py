@@ -37,7 +37,7 @@ def optimove_client():
     return OptimoveClient.from_settings(settings, limiter_from_settings(settings))
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[BaseException], ...]:
     try:
         from redis.exceptions import RedisError
     except ImportError:  # pragma: no cover - redis is a dependency
@@ -76,7 +76,7 @@ def run_sync(kind: RecordKind, path: Path, params: Mapping[str, Any], target: st
     try:
         result = sync_records(client, kind, records, params, progress=lambda p: click.echo(str(p), err=True))
     except SyncFailed as exc:
-        if isinstance(exc.error, _redis_errors()):
+        if isinstance(exc.error, redis_errors()):
             click.echo("relay: REDIS_URL is set, so the Optimove rate limit is shared through that Redis, which "
                        "failed; start it, or unset REDIS_URL to limit this command in-process only", err=True)
         fail(str(exc))
@@ -94,7 +94,7 @@ def run_list(kind: RecordKind, params: Mapping[str, Any], target: str, as_json: 
         rows = list_records(client, kind, params)
     except OptimoveError as exc:
         fail(f"{kind.list_function} failed: {exc.reason}")
-    except _redis_errors() as exc:
+    except redis_errors() as exc:
         fail(f"REDIS_URL: the shared rate limit is unreachable ({type(exc).__name__}: {exc})")
     finally:
         client.close()

@@ -151,6 +151,7 @@ def relay_env(args, db_url: str, redis_url: str, sim: dict, tmp: Path) -> dict:
     env.update({
         "DATABASE_URL": db_url, "REDIS_URL": redis_url, "RELAY_LISTENER_TOKENS": TOKEN,
         "RELAY_ADMIN_PASSWORD": ADMIN_PASSWORD, "RELAY_LOG_LEVEL": args.log_level,
+        "RELAY_LOG_FORMAT": "console",  # bench/realtime.py reads task times from the worker's text log
         "OPTIMOVE_API_URL": sim["optimove_url"], "OPTIMOVE_API_KEY": API_KEY,
         "OPTIMOVE_RATE_LIMIT": args.rate_limit, "OPTIMOVE_PAGE_SIZE": str(args.page_size),
         "BONUS_ADAPTER": "http", "BONUS_URL": sim["bonus_url"], "BONUS_MODE": "batch",

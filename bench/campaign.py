@@ -267,11 +267,7 @@ def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campai
     try:
         with RssSampler(workers) as rss, conn.cursor() as cur:
             started = time.monotonic()
-            for channel in channels:
-                r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
-                                                 "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
-                if r.status_code not in (200, 202):
-                    raise RuntimeError(f"listener answered {r.status_code}: {r.text[:300]}")
+            fire(session, listener, campaign_id, channels)
             deadline = started + timeout
             while (done := granted_so_far(cur, campaign_id)) < expected:
                 if time.monotonic() > deadline:
@@ -297,6 +293,15 @@ def run_campaign(base: str, sim: dict, db_url: str, workers: list[Group], campai
         "worker_rss_tree_peak_mb": round(rss.tree_peak / 2 ** 20, 1), "rss_samples": rss.samples,
         "bonus_applied": applied, "bonus_duplicate_grants": duplicates, "ledger_by_status": by_status, "ok": ok,
     }
+
+
+def fire(session, listener: str, campaign_id: int, channels) -> None:
+    """Post the campaign's EventTypeID 13 for each channel, as Optimove would."""
+    for channel in channels:
+        r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
+                                         "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
+        if r.status_code not in (200, 202):
+            raise RuntimeError(f"listener answered {r.status_code}: {r.text[:300]}")
 
 
 def channel_pages(spec: dict, page_size: int):
@@ -474,11 +479,7 @@ def run_send_campaign(base: str, sim: dict, db_url: str, workers: list[Group], c
         with RssSampler(workers) as rss, conn.cursor() as cur:
             started = time.monotonic()
             fired_at = time.time()
-            for channel in channels:
-                r = session.post(listener, json={"EventTypeID": 13, "TimeStamp": "2026-11-27 10:00:00",
-                                                 "CampaignID": campaign_id, "ChannelID": channel}, timeout=30)
-                if r.status_code not in (200, 202):
-                    raise RuntimeError(f"listener answered {r.status_code}: {r.text[:300]}")
+            fire(session, listener, campaign_id, channels)
             deadline = started + timeout
             while (done := sent_so_far(cur, campaign_id)) < expected:
                 if warm_at is None and done >= warm_target:

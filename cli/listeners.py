@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 import click
 
-from cli.optimove_setup import redis_errors
+from cli.optimove_setup import client_for, redis_errors
 from shared.redact import redact
 from shared.settings import ChannelConfig, Settings, SettingsError
 
@@ -230,20 +230,13 @@ def _settings(out: Out, required: Sequence[str]) -> Settings:
         out.fail(str(exc), 2)
 
 
-def _client(settings: Settings):
-    from shared.optimove.client import OptimoveClient
-    from shared.optimove.limiter import limiter_from_settings
-
-    return OptimoveClient.from_settings(settings, limiter_from_settings(settings))
-
-
 
 
 class _Calls:
     """The Optimove calls of one command: retried, errors turned into a clean exit (token hidden)."""
 
     def __init__(self, settings: Settings, out: Out):
-        self.client = _client(settings)
+        self.client = client_for(settings)
         self.out = out
 
     def __enter__(self) -> "_Calls":

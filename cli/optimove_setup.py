@@ -25,16 +25,21 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def optimove_client():
-    """An Optimove client from the environment, rate limited (Redis-shared when REDIS_URL is set); exit 2 if unset."""
+def client_for(settings: Settings):
+    """An Optimove client for `settings`, rate limited (Redis-shared when REDIS_URL is set)."""
     from shared.optimove.client import OptimoveClient
     from shared.optimove.limiter import limiter_from_settings
 
+    return OptimoveClient.from_settings(settings, limiter_from_settings(settings))
+
+
+def optimove_client():
+    """An Optimove client from the environment (`client_for`); exit 2 if the Optimove settings are unset."""
     try:
         settings = Settings.from_env().require(*OPTIMOVE_SETTINGS)
     except SettingsError as exc:
         fail(str(exc), 2)
-    return OptimoveClient.from_settings(settings, limiter_from_settings(settings))
+    return client_for(settings)
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:

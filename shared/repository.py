@@ -1,6 +1,7 @@
 """All SQL of the relay. Functions take an open connection; the caller owns the transaction."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -492,16 +493,17 @@ def claim_stale(conn: Connection, table: LedgerTable, older_than_s: float,
         RETURNING run_id, id, source"""), {"age": older_than_s, "limit": limit})]
 
 
+def _per_run(run_ids: Iterable[int | None]) -> Counter:
+    """How many of some ledger rows each run holds (rows without a run are left out)."""
+    return Counter(run_id for run_id in run_ids if run_id is not None)
+
+
 def redrive_failed(conn: Connection, table: LedgerTable, campaign_id: int) -> list[tuple[int | None, int, str]]:
     """Put a campaign's failed rows back to `claimed` with fresh attempts; return (run_id, id, source)."""
     rows = [tuple(r) for r in conn.execute(sa.text(f"""
         UPDATE {table.name} SET status = 'claimed', attempts = 0, updated_at = now()
         WHERE campaign_id = :c AND status = 'failed' RETURNING run_id, id, source"""), {"c": campaign_id})]
-    per_run: dict[int, int] = {}
-    for run_id, _, _ in rows:
-        if run_id is not None:
-            per_run[run_id] = per_run.get(run_id, 0) + 1
-    for run_id, n in per_run.items():
+    for run_id, n in _per_run(run_id for run_id, _, _ in rows).items():
         conn.execute(sa.text("""
             UPDATE campaign_runs SET failed = failed - :n, status = 'running', finished_at = NULL,
                    updated_at = now() WHERE id = :id AND fetch_done"""), {"id": run_id, "n": n})
@@ -537,11 +539,7 @@ def cancel_pending(conn: Connection, campaign_id: int, reason: str) -> dict[str,
             WHERE campaign_id = :c AND status IN ('claimed', 'waiting') RETURNING run_id"""),
             {"c": campaign_id, "r": reason}).fetchall()
         out[table.name] = len(rows)
-        per_run: dict[int, int] = {}
-        for (run_id,) in rows:
-            if run_id is not None:
-                per_run[run_id] = per_run.get(run_id, 0) + 1
-        for run_id, n in per_run.items():
+        for run_id, n in _per_run(run_id for (run_id,) in rows).items():
             conn.execute(sa.text("UPDATE campaign_runs SET cancelled = cancelled + :n WHERE id = :id"),
                          {"id": run_id, "n": n})
     return out

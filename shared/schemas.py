@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load, validates_schema
 
-from shared.optimove.rows import parse_promo_codes
+from shared.optimove.rows import parse_optimove_time, parse_promo_codes
 
 SUPPORTED_EVENT_TYPES = (1, 2, 3, 4, 5, 11, 13)
 
@@ -37,23 +37,10 @@ def parse_timestamp(value: Any) -> datetime:
     """Parse Optimove's `YYYY-MM-DD HH:MM[:SS[.fff]]` (also ISO 8601 with T, Z or an offset)."""
     if not isinstance(value, str) or not value.strip():
         raise ValidationError("expected a date-time string such as '2022-09-19 05:04:54'")
-    text = value.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
     try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        pass
-    for pattern in _TIME_PATTERNS:
-        try:
-            return datetime.strptime(text, pattern)
-        except ValueError:
-            continue
-    raise ValidationError(f"not a date-time: {value!r} (expected 'YYYY-MM-DD HH:MM[:SS]')")
-
-
-_TIME_PATTERNS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M",
-                  "%Y-%m-%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M")
+        return parse_optimove_time(value)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 class LenientInt(fields.Integer):

@@ -20,13 +20,16 @@ import logging
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from marshmallow import ValidationError
+
 from shared import dispatch, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows import grants, paging, runs
 from shared.flows.base import Flow, Outcome, Pages
 from shared.optimove.client import PermanentError, RateLimited, TemporaryError, Throttled, backoff
-from shared.optimove.rows import parse_scheduled_time
+from shared.optimove.rows import in_timezone
+from shared.schemas import parse_notification
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,15 @@ PAGES = Pages(
 
 def clearance_requested(rt, conn, notification: dict) -> Outcome:
     """Open the run with its deadline and start paging, unless the deadline has already passed."""
-    raw = next((v for k, v in notification["payload"].items() if k.lower() == "clearancerequiredby"), None)
-    try:
-        deadline = parse_scheduled_time(raw, rt.settings.optimove_timezone)
-    except ValueError:
-        deadline = None
-    if deadline is None:
-        return Outcome("ignored", f"EventTypeID 5 without a usable ClearanceRequiredBy ({raw!r})")
+    try:  # the listener's schema: every spelling of the key it accepted
+        parsed = parse_notification(notification["payload"], notification["event_type"]).clearance_required_by
+    except ValidationError as exc:
+        parsed, problem = None, exc.messages
+    else:
+        problem = "missing"
+    if parsed is None:
+        return Outcome("ignored", f"EventTypeID 5 without a usable ClearanceRequiredBy ({problem})")
+    deadline = in_timezone(parsed, rt.settings.optimove_timezone)
     run_id, created = repo.create_run(conn, notification["id"], FLOW.name, notification["campaign_id"], None,
                                       deadline=deadline)
     now = repo.database_now(conn)

@@ -22,7 +22,7 @@ from shared.dispatch import Enqueue
 from shared.flows.ledger import Scope
 from shared.flows.revokes import REVOKES
 from shared.optimove.client import OptimoveError, RateLimited
-from shared.optimove.rows import parse_int
+from shared.optimove.rows import lower_keys, parse_int
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def ended_actions(rows: list) -> list[tuple[str, int, int | None]]:
     for row in rows:
         if not isinstance(row, dict):
             continue
-        data = {str(k).lower(): v for k, v in row.items()}
+        data = lower_keys(row)
         customer, action = data.get("customerid"), parse_int(data.get("actionid"))
         if customer is None or action is None or not str(customer).strip():
             continue

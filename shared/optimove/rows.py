@@ -25,7 +25,8 @@ class ExecutionRow:
     attributes: list | None = None
 
 
-def _lower_keys(row: Mapping[str, Any]) -> dict[str, Any]:
+def lower_keys(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's keys lower-cased and without underscores (`CustomerID`, `customer_id` -> `customerid`)."""
     return {str(k).lower().replace("_", ""): v for k, v in row.items()}
 
 
@@ -79,7 +80,7 @@ def parse_execution_row(row: Mapping[str, Any], delimiter: str = ";") -> Executi
     """
     if not isinstance(row, Mapping):
         return None
-    data = _lower_keys(row)
+    data = lower_keys(row)
     raw_id = data.get("customerid")
     if raw_id is None or isinstance(raw_id, bool) or isinstance(raw_id, (dict, list)):
         return None
@@ -122,27 +123,38 @@ def customer_codes(row: Any) -> tuple[str, list[str]] | None:
     return (parsed.customer_id, parsed.promo_codes) if parsed else None
 
 
+_TIME_PATTERNS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M",
+                  "%Y-%m-%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M")
+
+
+def parse_optimove_time(text: str) -> datetime:
+    """Optimove's `YYYY-MM-DD HH:MM[:SS[.fff]]` (also ISO 8601 with T, Z or an offset), naive unless the
+    text carries an offset. Raises ValueError naming the value otherwise."""
+    text = text.strip()
+    iso = text[:-1] + "+00:00" if text.endswith("Z") else text
+    try:
+        return datetime.fromisoformat(iso)
+    except ValueError:
+        pass
+    for pattern in _TIME_PATTERNS:
+        try:
+            return datetime.strptime(text, pattern)
+        except ValueError:
+            continue
+    raise ValueError(f"not a date-time: {text!r} (expected 'YYYY-MM-DD HH:MM[:SS]')")
+
+
+def in_timezone(when: datetime, timezone: str = "UTC") -> datetime:
+    """`when` as an aware datetime: a naive one is read in `timezone`, an aware one keeps its offset."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=_zone(timezone))
+
+
 def parse_scheduled_time(value: str | None, timezone: str = "UTC") -> datetime | None:
     """An aware datetime from Optimove's `YYYY-MM-DD HH:MM[:SS]` in `timezone` (values carrying an offset
     or `Z` keep theirs); None for an empty value. Raises ValueError for anything else."""
     if value is None or not str(value).strip():
         return None
-    text = str(value).strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        when = None
-        for pattern in ("%Y/%m/%d %H:%M:%S", "%Y/%m/%d %H:%M", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M"):
-            try:
-                when = datetime.strptime(text, pattern)
-                break
-            except ValueError:
-                continue
-        if when is None:
-            raise ValueError(f"not a date-time: {value!r} (expected 'YYYY-MM-DD HH:MM[:SS]')") from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=_zone(timezone))
+    return in_timezone(parse_optimove_time(str(value)), timezone)
 
 
 _ZONES: dict[str, ZoneInfo] = {}

@@ -192,7 +192,7 @@ def run(monkeypatch, tmp_path):
            "RELAY_CHANNEL_CONFIG": str(path)}
 
     def invoke(client, *args):
-        monkeypatch.setattr(module, "_client", lambda settings: client)
+        monkeypatch.setattr(module, "client_for", lambda settings: client)
         result = CliRunner().invoke(module.listeners, list(args), env=env)
         assert TOKEN not in result.output
         return result

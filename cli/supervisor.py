@@ -149,6 +149,10 @@ class Supervisor:
         if password is None:
             password = generated["admin_password"]
             env["RELAY_ADMIN_PASSWORD"] = password
+        # Flower can shut workers down: never without basic auth, by default the admin user and password
+        env.setdefault("FLOWER_BASIC_AUTH", f"{self.settings.admin_user}:{password}")
+        flower_auth = ("same user and password" if env["FLOWER_BASIC_AUTH"] == f"{self.settings.admin_user}:{password}"
+                       else "user and password from FLOWER_BASIC_AUTH")
         if self.attach_simulator:
             self._start_simulator(env, generated["simulator_api_key"])
         channels = self._channel_roles(env)
@@ -172,7 +176,8 @@ class Supervisor:
             f"relay is up: {base}",
             f"  listener : {base}/optimove/events?token={token}",
             f"  status   : {base}/api/campaigns/<id>  (user {self.settings.admin_user}, password {password})",
-            f"  flower   : http://127.0.0.1:{self.flower_port}",
+            f"  admin    : {base}/admin  (same user and password)",
+            f"  flower   : http://127.0.0.1:{self.flower_port}  ({flower_auth})",
             f"  metrics  : {base}/metrics",
         ]
         if self.attach_simulator:

@@ -48,6 +48,8 @@ def _decode(raw: bytes) -> tuple[str, object]:
         return text, json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "invalid notification", fields={"_body": [f"not valid JSON: {exc}"]}) from None
+    except RecursionError:  # e.g. 50,000 nested arrays: the parser's recursion, not a server fault
+        raise ApiError(400, "invalid notification", fields={"_body": ["JSON nested too deeply"]}) from None
 
 
 def _store(engine, notification, text: str) -> tuple[int, bool]:

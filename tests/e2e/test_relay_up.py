@@ -38,6 +38,13 @@ def ready(port: int) -> bool:
         return False
 
 
+def flower_answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code in (200, 401)
+    except requests.RequestException:
+        return False
+
+
 def tree(pid: int) -> list[psutil.Process]:
     parent = psutil.Process(pid)
     return [parent, *parent.children(recursive=True)]
@@ -67,6 +74,10 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert "relay simulate campaign" in output and info["listener_url"] in output
         assert "relay simulate realtime --role send" in output
         assert {"600": "bonus", "610": "send"}.items() <= info["channels"].items()
+        admin = (info["admin_user"], info["admin_password"])
+        poll(lambda: flower_answers(info["flower_url"]), 30, 0.2, "Flower answering")
+        assert requests.get(info["flower_url"], timeout=5).status_code == 401  # Flower is never open
+        assert requests.get(info["flower_url"], auth=admin, timeout=5).status_code == 200
         children = tree(proc.pid)
         assert len(children) > 6  # web + workers, worker + pool, beat, flower, simulator, postgres, redis
 

@@ -248,3 +248,18 @@ def test_postgres_restart_costs_no_request(redis_url, tmp_path):
         assert client.post(URL, json=BODIES[13]).status_code == 202
     finally:
         pg.stop()
+
+
+@pytest.mark.parametrize("depth", [900, 5_000, 50_000])
+def test_deeply_nested_json_is_refused_or_stored_never_a_500(client, db, redis_url, depth):
+    """50,000 nested arrays used to be answered 500 (the parser's recursion); now it is a 400 that
+    changes nothing. A nesting the parser can read is stored like any other unknown key."""
+    body = '{"EventTypeID": 13, "CampaignID": 1, "ChannelID": 504, "extra": ' + "[" * depth + "]" * depth + "}"
+    response = client.post(URL, data=body, content_type="application/json")
+    bare = client.post(URL, data="[" * depth + "]" * depth, content_type="application/json")
+    assert bare.status_code == 400, bare.json
+    if response.status_code == 400:
+        assert response.json["fields"]["_body"] == ["JSON nested too deeply"]
+        unchanged(db, redis_url)
+    else:
+        assert response.status_code == 202 and depth < 1000, response.json

@@ -94,12 +94,25 @@ def _quiet(settings) -> list[str]:
 @click.option("--pool", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
               help="prefork for the CPU-bound campaign queues; threads or solo (one task at a time in the "
                    "worker's own thread) for the latency-bound realtime queue")
-def worker(queues: str, concurrency: int, pool: str) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              show_default="$RELAY_WORKER_METRICS_PORT, else none",
+              help="serve this worker's Prometheus metrics (its pool children's included) on this port; 0: none")
+def worker(queues: str, concurrency: int, pool: str, metrics_port: int | None) -> None:
     """Run a Celery worker on the given queues (each process or thread takes one message at a time)."""
     unknown = [q for q in queues.split(",") if q.strip() not in QUEUES]
     if unknown or not queues.strip():
         click.echo(f"relay: --queues: unknown queue(s) {', '.join(unknown) or '(none given)'}; "
                    f"expected some of {', '.join(QUEUES)}", err=True)
+        sys.exit(2)
+    settings = load_settings("database_url", "redis_url")
+    port = settings.worker_metrics_port if metrics_port is None else metrics_port
+    from workers import metrics as worker_metrics
+
+    try:  # before the Celery app is built: every metric must see the multiprocess directory
+        worker_metrics.serve(port, settings.worker_metrics_bind)  # logged once the worker is ready
+    except OSError as exc:
+        click.echo(f"relay: worker metrics port {settings.worker_metrics_bind}:{port} "
+                   f"(--metrics-port / RELAY_WORKER_METRICS_PORT): cannot listen: {exc}", err=True)
         sys.exit(2)
     app, settings = _celery()
     if pool == "threads":

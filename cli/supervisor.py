@@ -29,6 +29,7 @@ from shared.settings import Settings
 # 189 ms to 1.1 s; 4 x solo 111-327 ms, three runs of four under 120 ms).
 REALTIME_POOL = ["--pool", "solo", "--concurrency", "1"]
 REALTIME_PROCESSES = 4
+WORKER_METRICS_PORT = 9400  # the first worker's metrics port under `relay up` (RELAY_WORKER_METRICS_PORT unset)
 
 COLOURS = {"web": 32, "worker": 34, "realtime": 94, "beat": 35, "flower": 36, "simulator": 33, "relay": 1}
 
@@ -102,6 +103,7 @@ class Supervisor:
         self.pg: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
+        self.worker_metrics: dict[str, int] = {}  # worker child -> its metrics port
         self.stopping = threading.Event()
 
     def run(self) -> int:
@@ -162,9 +164,9 @@ class Supervisor:
         for child in (
             Child("web", relay + ["web", "--port", str(self.port)]),
             Child("worker", relay + ["worker", "--queues", ",".join(CAMPAIGN_QUEUES),
-                                     "--concurrency", str(self.workers)]),
-            *(Child(f"realtime{i + 1}" if i else "realtime", relay + ["worker", "--queues", REALTIME] + REALTIME_POOL)
-              for i in range(REALTIME_PROCESSES)),
+                                     "--concurrency", str(self.workers)] + self._metrics_port("worker")),
+            *(Child(name, relay + ["worker", "--queues", REALTIME] + REALTIME_POOL + self._metrics_port(name))
+              for name in ("realtime", *(f"realtime{i + 1}" for i in range(1, REALTIME_PROCESSES)))),
             Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
             Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
         ):
@@ -180,6 +182,11 @@ class Supervisor:
             f"  flower   : http://127.0.0.1:{self.flower_port}  ({flower_auth})",
             f"  metrics  : {base}/metrics",
         ]
+        metrics_host = self.settings.worker_metrics_bind
+        metrics_host = "127.0.0.1" if metrics_host in ("0.0.0.0", "::") else metrics_host
+        if self.worker_metrics:
+            lines.append(f"  workers  : each worker's own metrics on http://{metrics_host}:<port>/metrics: "
+                         + ", ".join(f"{name} {port}" for name, port in self.worker_metrics.items()))
         if self.attach_simulator:
             lines += ["  simulator: fake Optimove, bonus system and send service attached (no OPTIMOVE_API_URL set)",
                       "  try it   : relay simulate campaign" + self._data_dir_option(),
@@ -194,9 +201,22 @@ class Supervisor:
             "admin_user": self.settings.admin_user, "admin_password": password,
             "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(), "channels": channels,
             "channel_attributes": self._channel_attributes(),
+            "worker_metrics": {name: f"http://{metrics_host}:{port}/metrics"
+                               for name, port in self.worker_metrics.items()},
             **getattr(self, "simulator_info", {}),
         }))
         (self.data_dir / "up.json").chmod(0o600)
+
+    def _metrics_port(self, name: str) -> list[str]:
+        """`--metrics-port` for the worker child `name`: the next free port from RELAY_WORKER_METRICS_PORT (9400
+        when unset; none when it is 0)."""
+        first = self.settings.worker_metrics_port
+        if first == 0:
+            return []
+        wanted = max(self.worker_metrics.values()) + 1 if self.worker_metrics else (first or WORKER_METRICS_PORT)
+        port = next((p for p in range(wanted, min(wanted + 100, 65536)) if free_port(p) == p), None) or free_port()
+        self.worker_metrics[name] = port
+        return ["--metrics-port", str(port)]
 
     def _data_dir_option(self) -> str:
         """` --data-dir DIR` unless the data folder is the default one of the current directory."""

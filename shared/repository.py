@@ -22,8 +22,9 @@ def _rows(result) -> list[dict[str, Any]]:
 
 # -- notifications -------------------------------------------------------------------------
 
-def insert_notification(conn, n: Notification, raw_body: str) -> tuple[int, bool]:
-    """Store a notification (its body as received, and as jsonb) once per dedupe key; return (id, created).
+def insert_notification(conn, n: Notification, raw_body: str, payload: str | None = None) -> tuple[int, bool]:
+    """Store a notification (its body as received, and as jsonb: `payload`, default the body) once per
+    dedupe key; return (id, created).
 
     `conn` is a SQLAlchemy connection or a raw DBAPI one (the listener's `raw_transaction`).
     """
@@ -32,7 +33,8 @@ def insert_notification(conn, n: Notification, raw_body: str) -> tuple[int, bool
         INSERT INTO notifications (event_type, campaign_id, channel_id, dedupe_key, payload, raw_body)
         VALUES (%s, %s, %s, %s, CAST(%s AS jsonb), %s)
         ON CONFLICT (dedupe_key) DO NOTHING
-        RETURNING id""", (n.event_type, n.campaign_id, n.channel_id, n.dedupe_key, raw_body, raw_body))
+        RETURNING id""", (n.event_type, n.campaign_id, n.channel_id, n.dedupe_key,
+                          raw_body if payload is None else payload, raw_body))
     row = cur.fetchone()
     if row:
         return row[0], True
@@ -80,15 +82,47 @@ def claim_stale_notifications(conn: Connection, older_than_s: float, limit: int 
         RETURNING id, event_type"""), {"age": older_than_s, "limit": limit}))
 
 
-def notification_counts(conn: Connection) -> list[tuple[int, str, int]]:
-    """(event_type, status, count) over the inbox."""
-    return [tuple(r) for r in conn.execute(sa.text(
-        "SELECT event_type, status, count(*) FROM notifications GROUP BY 1, 2 ORDER BY 1, 2"))]
-
-
 def count_notifications(conn: Connection) -> int:
     """Number of rows in the inbox."""
     return conn.execute(sa.text("SELECT count(*) FROM notifications")).scalar_one()
+
+
+# -- scrape-time gauges (`/metrics`): each reads an index's worth of rows at most, never a whole table ------
+
+def unfinished_notification_counts(conn: Connection, cap: int) -> list[tuple[int, str, int]]:
+    """(event_type, status, count) of the notifications not finished yet (`received`, `processing`), read through
+    the partial index `notifications_unfinished`, at most `cap` rows in all."""
+    return [tuple(r) for r in conn.execute(sa.text("""
+        SELECT event_type, status, count(*) FROM (
+            SELECT event_type, status FROM notifications WHERE status IN ('received', 'processing') LIMIT :cap) u
+        GROUP BY 1, 2 ORDER BY 1, 2"""), {"cap": cap})]
+
+
+def running_run_counts(conn: Connection, cap: int) -> list[tuple[str, int]]:
+    """(flow, count) of running runs, read through the partial index `campaign_runs_unfinished`, at most `cap`."""
+    return [tuple(r) for r in conn.execute(sa.text("""
+        SELECT flow, count(*) FROM (SELECT flow FROM campaign_runs WHERE status = 'running' LIMIT :cap) r
+        GROUP BY 1 ORDER BY 1"""), {"cap": cap})]
+
+
+def recently_ended_run_counts(conn: Connection, window: int, seconds: float) -> list[tuple[str, str, int]]:
+    """(flow, status, count) of the runs among the newest `window` (by primary key) that ended in the last
+    `seconds` seconds."""
+    return [tuple(r) for r in conn.execute(sa.text("""
+        SELECT flow, status, count(*) FROM campaign_runs
+        WHERE id > (SELECT coalesce(max(id), 0) FROM campaign_runs) - :window
+          AND status <> 'running' AND finished_at > now() - make_interval(secs => :secs)
+        GROUP BY 1, 2 ORDER BY 1, 2"""), {"window": window, "secs": seconds})]
+
+
+def estimated_rows(conn: Connection, tables: Sequence[str]) -> dict[str, int]:
+    """Live rows of each of `tables` as Postgres' statistics estimate them (`n_live_tup`, else `reltuples` of
+    the last ANALYZE); no table is read."""
+    return {name: int(n) for name, n in conn.execute(sa.text("""
+        SELECT t.name, CASE WHEN pg_stat_get_live_tuples(c.oid) > 0 THEN pg_stat_get_live_tuples(c.oid)
+                            ELSE greatest(c.reltuples, 0)::bigint END
+        FROM unnest(CAST(:names AS text[])) AS t(name) JOIN pg_class c ON c.oid = to_regclass(t.name)"""),
+        {"names": list(tables)})}
 
 
 # -- campaign runs -------------------------------------------------------------------------
@@ -157,18 +191,22 @@ def database_now(conn: Connection) -> Any:
     return conn.execute(sa.text("SELECT now()")).scalar_one()
 
 
-def fail_run(conn: Connection, run_id: int, reason: str) -> None:
-    """Park a run whose pages cannot be fetched (permanent error or too many attempts)."""
-    conn.execute(sa.text("""
+def fail_run(conn: Connection, run_id: int, reason: str) -> dict[str, Any] | None:
+    """Park a run whose pages cannot be fetched (permanent error or too many attempts); return its flow, status
+    and seconds since it started (None when it was not running)."""
+    row = conn.execute(sa.text("""
         UPDATE campaign_runs SET status = 'failed', last_error = :r, updated_at = now(), finished_at = now()
-        WHERE id = :id AND status = 'running'"""), {"id": run_id, "r": reason[:2000]})
+        WHERE id = :id AND status = 'running'
+        RETURNING flow, status, EXTRACT(EPOCH FROM finished_at - created_at)::float8 AS seconds"""),
+        {"id": run_id, "r": reason[:2000]}).first()
+    return dict(row._mapping) if row else None
 
 
 def finish_run_if_complete(conn: Connection, run_id: int) -> dict[str, Any] | None:
     """Mark a run `done` once all pages are fetched and no row of it, in any ledger, is still in flight
     (claimed, or waiting for its due time) and no customer status of it is unreported (`deadline_missed`
-    instead when a deadline expired some of its grants); return the finished run's id, flow, sent count
-    and status, else None."""
+    instead when a deadline expired some of its grants); return the finished run's id, flow, sent count,
+    status and seconds since it started, else None."""
     in_flight = " AND ".join([f"NOT EXISTS (SELECT 1 FROM {t.name} WHERE run_id = :id AND status = '{s}')"
                               for t in LEDGER_TABLES for s in t.in_flight]
                              + ["NOT EXISTS (SELECT 1 FROM promotion_statuses WHERE run_id = :id AND reported_at IS NULL)"])
@@ -176,7 +214,8 @@ def finish_run_if_complete(conn: Connection, run_id: int) -> dict[str, Any] | No
         UPDATE campaign_runs SET finished_at = now(), updated_at = now(),
                status = CASE WHEN expired > 0 THEN 'deadline_missed' ELSE 'done' END
         WHERE id = :id AND status = 'running' AND fetch_done AND {in_flight}
-        RETURNING id, flow, sent, status"""), {"id": run_id}).first()
+        RETURNING id, flow, sent, status, EXTRACT(EPOCH FROM finished_at - created_at)::float8 AS seconds"""),
+        {"id": run_id}).first()
     return dict(row._mapping) if row else None
 
 
@@ -526,13 +565,16 @@ def waiting_per_run(conn: Connection, campaign_id: int) -> dict[int, int]:
 
 # -- cancellation ----------------------------------------------------------------------------
 
-def cancel_pending(conn: Connection, campaign_id: int, reason: str) -> dict[str, int]:
+def cancel_pending(conn: Connection, campaign_id: int, reason: str) -> dict[str, Any]:
     """Stop a campaign's pending work: running runs `cancelled` (paging stops), claimed grants and claimed or
-    waiting sends `cancelled` (never delivered). Returns how many of each."""
-    runs = conn.execute(sa.text("""
+    waiting sends `cancelled` (never delivered). Returns how many of each, and in `ended_runs` the flow,
+    status and seconds since it started of each run it ended."""
+    runs = _rows(conn.execute(sa.text("""
         UPDATE campaign_runs SET status = 'cancelled', last_error = :r, finished_at = now(), updated_at = now()
-        WHERE campaign_id = :c AND status = 'running' RETURNING id"""), {"c": campaign_id, "r": reason}).fetchall()
-    out = {"runs": len(runs)}
+        WHERE campaign_id = :c AND status = 'running'
+        RETURNING id, flow, status, EXTRACT(EPOCH FROM finished_at - created_at)::float8 AS seconds"""),
+        {"c": campaign_id, "r": reason}))
+    out: dict[str, Any] = {"runs": len(runs), "ended_runs": runs}
     for table in (GRANTS, SENDS):
         rows = conn.execute(sa.text(f"""
             UPDATE {table.name} SET status = 'cancelled', reason = :r, updated_at = now()
@@ -742,3 +784,84 @@ def replay_notification(conn: Connection, notification_id: int) -> dict[str, Any
         WHERE notification_id = :n AND status IN ('done', 'failed') AND (deadline IS NULL OR deadline > now())
         RETURNING id"""), {"n": notification_id})]
     return {**dict(row._mapping), "runs": sorted(runs)}
+
+
+# -- admin views (`/admin`, `/api/overview`, `/api/campaigns`, `/api/notifications`) ----------
+# Every query here is bounded: newest first by primary key with a LIMIT, or by an indexed key.
+
+NOTIFICATION_STATUSES = ("received", "processing", "done", "ignored", "failed")
+RUN_STATUSES = ("running", "done", "failed", "cancelled", "deadline_missed")
+LEDGER_STATUSES = {
+    "grants": ("claimed", "granted", "rejected", "failed", "expired", "cancelled", "revoked", "revoke_unsupported"),
+    "sends": ("waiting", "claimed", "sent", "rejected", "failed", "cancelled"),
+    "revokes": ("claimed", "revoked", "rejected", "failed"),
+}
+# a status of any ledger is a valid filter of every ledger (one of another ledger just finds no rows)
+ANY_LEDGER_STATUS = tuple(dict.fromkeys(s for statuses in LEDGER_STATUSES.values() for s in statuses))
+LEDGER_ROW_COLUMNS = {
+    "grants": ("id", "run_id", "notification_id", "channel_id", "customer_id", "promo_code", "source", "status",
+               "attempts", "reference", "reason", "created_at", "updated_at"),
+    "sends": ("id", "run_id", "notification_id", "channel_id", "customer_id", "template_id", "scheduled_time",
+              "source", "status", "attempts", "reference", "reason", "created_at", "updated_at"),
+    "revokes": ("id", "run_id", "notification_id", "channel_id", "customer_id", "promo_code", "grant_id", "source",
+                "status", "attempts", "reference", "reason", "created_at", "updated_at"),
+}
+# errors are looked for among this many of the newest rows, so a quiet inbox of millions costs nothing
+ERROR_WINDOW = 10_000
+
+
+def recent_runs(conn: Connection, limit: int, *, status: str | None = None,
+                with_deadline: bool = False) -> list[dict[str, Any]]:
+    """The newest `limit` runs of every flow (only `status` ones, only runs with a deadline), newest first."""
+    return _rows(conn.execute(sa.text(f"""
+        SELECT {RUN_COLUMNS} FROM campaign_runs
+        WHERE (CAST(:s AS text) IS NULL OR status = :s) {"AND deadline IS NOT NULL" if with_deadline else ""}
+        ORDER BY id DESC LIMIT :limit"""), {"s": status, "limit": limit}))
+
+
+def runs_with_errors(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest runs (among the last `ERROR_WINDOW`) that failed, missed their deadline or carry an error."""
+    return _rows(conn.execute(sa.text(f"""
+        SELECT {RUN_COLUMNS} FROM campaign_runs
+        WHERE id > (SELECT coalesce(max(id), 0) FROM campaign_runs) - :window
+          AND (status IN ('failed', 'deadline_missed') OR last_error IS NOT NULL OR metrics_error IS NOT NULL)
+        ORDER BY id DESC LIMIT :limit"""), {"window": ERROR_WINDOW, "limit": limit}))
+
+
+def notifications_with_errors(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest notifications (among the last `ERROR_WINDOW`) that failed or carry an error, without payload."""
+    return _rows(conn.execute(sa.text(f"""
+        SELECT {NOTIFICATION_COLUMNS} FROM notifications
+        WHERE id > (SELECT coalesce(max(id), 0) FROM notifications) - :window
+          AND (status = 'failed' OR last_error IS NOT NULL)
+        ORDER BY id DESC LIMIT :limit"""), {"window": ERROR_WINDOW, "limit": limit}))
+
+
+def waiting_for_runs(conn: Connection, run_ids: Sequence[int]) -> dict[int, int]:
+    """Sends waiting for their due time, per run among `run_ids` (partial index `sends_waiting_run`)."""
+    if not run_ids:
+        return {}
+    return {r: n for r, n in conn.execute(sa.text(
+        "SELECT run_id, count(*) FROM sends WHERE status = 'waiting' AND run_id = ANY(:ids) GROUP BY run_id"),
+        {"ids": list(run_ids)})}
+
+
+def unreported_for_runs(conn: Connection, run_ids: Sequence[int]) -> dict[int, int]:
+    """Customer statuses not reported yet, per run among `run_ids` (partial index of the unreported)."""
+    if not run_ids:
+        return {}
+    return {r: n for r, n in conn.execute(sa.text(
+        "SELECT run_id, count(*) FROM promotion_statuses WHERE reported_at IS NULL AND run_id = ANY(:ids) "
+        "GROUP BY run_id"), {"ids": list(run_ids)})}
+
+
+def ledger_rows(conn: Connection, table: LedgerTable, campaign_id: int, *, status: str | None = None,
+                limit: int = 50, offset: int = 0, before: int | None = None) -> list[dict[str, Any]]:
+    """A page of a campaign's rows of one ledger, newest first: `limit` rows after skipping `offset`, only
+    ids below `before` when given (keyset paging, as cheap on the last page as on the first)."""
+    return _rows(conn.execute(sa.text(f"""
+        SELECT {", ".join(LEDGER_ROW_COLUMNS[table.name])} FROM {table.name}
+        WHERE campaign_id = :c AND (CAST(:s AS text) IS NULL OR status = :s)
+          AND (CAST(:before AS bigint) IS NULL OR id < :before)
+        ORDER BY id DESC LIMIT :limit OFFSET :offset"""),
+        {"c": campaign_id, "s": status, "before": before, "limit": limit, "offset": offset}))

@@ -232,6 +232,13 @@ def _timezone(raw: str) -> str:
     return name
 
 
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError("an address to bind, such as 127.0.0.1 or 0.0.0.0")
+    return value
+
+
 def _flag(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -314,6 +321,12 @@ class Settings:
                                       "once_per_notification",
                                       "how often a real-time campaign may grant one promo code to one customer")
     flower_basic_auth: Secret | None = _opt("FLOWER_BASIC_AUTH", _secret, doc="user:password for Flower")
+    worker_metrics_port: int | None = _opt("RELAY_WORKER_METRICS_PORT", _int(0, 65535),
+                                           doc="port on which each `relay worker` serves its own Prometheus metrics "
+                                               "(pool children included); 0 or unset: none. `relay up` gives its "
+                                               "workers 9400 and up (this value, when set, as the first)")
+    worker_metrics_bind: str = _opt("RELAY_WORKER_METRICS_BIND", _host, "127.0.0.1",
+                                    "address the worker metrics port binds (0.0.0.0 in containers)")
     channels: ChannelConfig = field(default_factory=ChannelConfig)
 
     @classmethod

@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 from flask import Flask
+from werkzeug.routing import IntegerConverter
 
 from shared import broker
 from shared.logs import configure_for as configure_logging
 from shared.runtime import Runtime
+from shared.schemas import BIGINT_MAX
 from shared.settings import Settings
-from web import api, errors, health, listener, metrics
+from web import admin, api, errors, health, listener, metrics, openapi
+
+
+class IdConverter(IntegerConverter):
+    """`<id:name>`: a row id, 1 to 2**63-1 (Postgres bigint); anything else is a 404, never a query."""
+
+    def __init__(self, url_map):
+        super().__init__(url_map, min=1, max=BIGINT_MAX)
 
 
 def create_app(settings: Settings | None = None, celery=None) -> Flask:
@@ -20,6 +29,7 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     # no pre-ping round trip per request: the listener retries once on a stale pooled connection
     app.extensions["relay"] = Runtime(settings, pre_ping=False)
     app.extensions["celery"] = celery or broker.create_app(settings, publisher=True)
-    for part in (errors, listener, api, health, metrics):
+    app.url_map.converters["id"] = IdConverter
+    for part in (errors, listener, api, admin, health, metrics, openapi):
         part.init_app(app)
     return app

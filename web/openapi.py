@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, jsonify
 
+from shared.repository import ANY_LEDGER_STATUS, LEDGER_TABLES, NOTIFICATION_STATUSES, RUN_STATUSES
 from shared.schemas import BIGINT_MAX, REQUIRED, SUPPORTED_EVENT_TYPES
+from shared.views import LIMIT_DEFAULT, LIMIT_MAX
+from web.query import OFFSET_MAX
 
 bp = Blueprint("openapi", __name__)
 
@@ -39,17 +42,20 @@ _TIME_PATTERN = ("^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8]) "
                  "([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")
 _OPT_TIME = {"type": "string", "pattern": _TIME_PATTERN, "example": "2026-11-27 05:04:54",
              "description": "YYYY-MM-DD HH:MM[:SS], in Optimove's time zone (OPTIMOVE_TIMEZONE)"}
-_OPT_ID = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": BIGINT_MAX},
+# an id: a whole number (also written 1359.0 or 1.359e3) or a numeric string
+_OPT_ID = {"oneOf": [{"type": "number", "multipleOf": 1, "minimum": 0, "maximum": BIGINT_MAX},
                      {"type": "string", "pattern": "^[0-9]{1,18}$"}]}
 _FIELDS = {
     "TimeStamp": _OPT_TIME,
     "CampaignID": _OPT_ID,
     "ChannelID": _OPT_ID,
     "ClearanceRequiredBy": _OPT_TIME,
-    "CustomerID": {"type": "string", "pattern": "\\S", "description": "a customer id (real-time events)"},
+    "CustomerID": {"oneOf": [{"type": "string", "pattern": "\\S"}, {"type": "integer"}],
+                   "description": "a customer id (real-time events); a number is read as its text"},
     "TemplateID": _OPT_ID,
-    "PromoCode": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
-                  "description": "a list of codes or a comma-separated string"},
+    "PromoCode": {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+                      "nullable": True, "oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}}],
+                  "description": "a comma-separated string or a list of codes (nulls skipped, numbers as text)"},
 }
 
 
@@ -84,6 +90,17 @@ def _errors(*codes: int) -> dict:
 
 
 _BASIC = [{"basicAuth": []}]
+# every query parameter is optional, and an empty value (`?status=`) counts as not given;
+# a parameter an operation does not list is refused with 400
+_LIMIT = {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True, "schema": {"type": "integer"},
+          "description": f"how many, newest first (default {LIMIT_DEFAULT}; any integer, clamped to 1..{LIMIT_MAX})"}
+
+
+def _choice(name: str, allowed, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "allowEmptyValue": True, "description": description,
+            "schema": {"type": "string", "enum": list(allowed)}}
+
+
 _ID = {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}
 
 
@@ -122,6 +139,53 @@ def document() -> dict:
                 "responses": {"200": _json("CampaignStatus", "the campaign (`status: unknown` when the relay "
                                                              "has no run or ledger row for it)"),
                               **_errors(401, 404)},
+            }},
+            "/api/overview": {"get": {
+                "operationId": "overview",
+                "summary": "What /admin shows: newest notifications and runs, conditional runs, rate-limit waits, errors",
+                "security": _BASIC, "parameters": [_LIMIT],
+                "responses": {"200": _json("Overview", "the overview"), **_errors(400, 401, 503)},
+            }},
+            "/api/campaigns": {"get": {
+                "operationId": "recentRuns", "summary": "The newest runs of every flow", "security": _BASIC,
+                "parameters": [_LIMIT, _choice("status", RUN_STATUSES, "only runs in this status")],
+                "responses": {"200": _json({"type": "object", "required": ["limit", "runs"], "properties": {
+                    "limit": _INT, "status": _NSTR,
+                    "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}}}, "newest first"),
+                    **_errors(400, 401, 503)},
+            }},
+            "/api/campaigns/{campaign_id}/ledger": {"get": {
+                "operationId": "campaignLedger",
+                "summary": "A page of a campaign's ledger rows, newest first",
+                "security": _BASIC,
+                "parameters": [
+                    {"name": "campaign_id", "in": "path", "required": True, "schema": _ID},
+                    _choice("ledger", tuple(t.name for t in LEDGER_TABLES), "which ledger (default grants)"),
+                    _choice("status", ANY_LEDGER_STATUS, "only rows in this status"),
+                    _LIMIT,
+                    {"name": "offset", "in": "query", "required": False, "allowEmptyValue": True,
+                     "schema": {"type": "integer", "minimum": 0, "maximum": OFFSET_MAX}},
+                    {"name": "before", "in": "query", "required": False, "allowEmptyValue": True, "schema": _ID,
+                     "description": "keyset paging: rows with a smaller id (see `next_before`)"},
+                ],
+                "responses": {"200": _json("LedgerPage", "the page"),
+                              **_errors(400, 401, 503),
+                              "404": _json("Error", "the relay knows nothing of this campaign")},
+            }},
+            "/api/notifications": {"get": {
+                "operationId": "recentNotifications", "summary": "The newest notifications, without bodies",
+                "security": _BASIC,
+                "parameters": [
+                    _choice("status", NOTIFICATION_STATUSES, "only notifications in this status"),
+                    {"name": "event", "in": "query", "required": False, "allowEmptyValue": True,
+                     "schema": {"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1}},
+                    {"name": "campaign", "in": "query", "required": False, "allowEmptyValue": True, "schema": _ID},
+                    _LIMIT,
+                ],
+                "responses": {"200": _json({"type": "object", "required": ["limit", "notifications"], "properties": {
+                    "limit": _INT, "status": _NSTR, "event_type": _NINT, "campaign_id": _NINT,
+                    "notifications": {"type": "array", "items": {"$ref": "#/components/schemas/NotificationSummary"}},
+                }}, "newest first"), **_errors(400, 401, 503)},
             }},
             "/api/notifications/{notification_id}": {"get": {
                 "operationId": "notification",
@@ -165,6 +229,35 @@ def document() -> dict:
                     "checks": {"type": "object", "additionalProperties": {"type": "string"}},
                     "error": {"type": "string"}}},
                 "NotificationRow": _notification_row(),
+                "NotificationSummary": {"type": "object", "required": ["id", "event_type", "status"],
+                                        "additionalProperties": True, "properties": {
+                                            "id": _INT, "event_type": _INT, "campaign_id": _NINT,
+                                            "channel_id": _NINT, "status": _STR, "attempts": _INT,
+                                            "last_error": _NSTR, "received_at": _TIME}},
+                "Overview": {"type": "object", "additionalProperties": True,
+                             "required": ["notifications", "runs", "conditional_runs", "rate_limit", "errors"],
+                             "properties": {
+                                 "generated_at": _TIME, "limit": _INT,
+                                 "notifications": {"type": "array",
+                                                   "items": {"$ref": "#/components/schemas/NotificationSummary"}},
+                                 "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}},
+                                 "conditional_runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}},
+                                 "rate_limit": {"type": "object", "additionalProperties": True,
+                                                "description": "waits of every worker for the shared Optimove limit"},
+                                 "errors": {"type": "object", "additionalProperties": True, "properties": {
+                                     "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}},
+                                     "notifications": {"type": "array", "items": {
+                                         "$ref": "#/components/schemas/NotificationSummary"}}}}}},
+                "LedgerPage": {"type": "object", "additionalProperties": True,
+                               "required": ["campaign_id", "ledger", "limit", "rows", "has_more"],
+                               "properties": {
+                                   "campaign_id": _INT, "ledger": _STR, "status": _NSTR, "limit": _INT,
+                                   "offset": _INT, "before": _NINT, "has_more": {"type": "boolean"},
+                                   "next_before": _NINT,
+                                   "rows": {"type": "array", "items": {
+                                       "type": "object", "required": ["id", "status"], "additionalProperties": True,
+                                       "properties": {"id": _INT, "status": _STR, "customer_id": _STR,
+                                                      "attempts": _INT, "reason": _NSTR}}}}},
                 "Run": _run(),
                 "CampaignStatus": _campaign_status(),
             },

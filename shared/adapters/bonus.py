@@ -128,6 +128,7 @@ class HttpRevokeAdapter(HttpAdapter):
     envelope = "revokes"
     success = "revoked"
     statuses = REVOKE_STATUSES
+    metrics_name = "revoke"
 
 
 class FakeBonusAdapter(FakeAdapter):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Callable, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
+from shared import metrics
 from shared.redact import redact, response_text
 from shared.settings import Secret
 
@@ -55,6 +57,7 @@ class HttpAdapter:
     envelope: str
     success: str
     statuses: tuple[str, ...]
+    metrics_name: str | None = None  # the `adapter` label of its call metrics (default: `prefix`)
 
     def __init__(self, url: str, mode: str = "batch", batch_size: int = 500, concurrency: int = 16,
                  timeout: float = 10.0, auth_header: Secret | None = None,
@@ -126,13 +129,18 @@ class HttpAdapter:
     def _post(self, body: Any, headers: dict[str, str] | None = None) -> requests.Response | str:
         """The response, or a reason string when the call itself failed."""
         data = json.dumps(body, separators=(",", ":")).encode()
+        adapter, started = self.metrics_name or self.prefix, time.perf_counter()
         try:
-            return self._session.post(self.url, data=data, headers={**self._headers, **(headers or {})},
-                                      timeout=self.timeout)
+            response = self._session.post(self.url, data=data, headers={**self._headers, **(headers or {})},
+                                          timeout=self.timeout)
         except requests.Timeout:
+            metrics.observe_adapter_call(adapter, "timeout", time.perf_counter() - started)
             return f"timed out after {self.timeout:g}s"
         except requests.RequestException as exc:
+            metrics.observe_adapter_call(adapter, "connection_error", time.perf_counter() - started)
             return self._redact(f"{type(exc).__name__}: {exc}")
+        metrics.observe_adapter_call(adapter, response.status_code, time.perf_counter() - started)
+        return response
 
     def _deliver_chunk(self, chunk: list[Item]) -> list[ItemResult]:
         response = self._post({self.envelope: [item.to_json() for item in chunk]})

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared import repository as repo
+from shared import metrics, repository as repo
 from shared.flows import paging
 from shared.flows.base import Flow, Outcome, Pages
 from shared.flows.revokes import REVOKES
@@ -55,6 +55,8 @@ def campaign_cancelled(rt, conn, notification: dict) -> Outcome:
     """Stop the campaign's pending work now, then page its cancellation list to revoke what was granted."""
     campaign_id = notification["campaign_id"]
     stopped = repo.cancel_pending(conn, campaign_id, f"campaign {campaign_id} cancelled (EventTypeID 4)")
+    for run in stopped["ended_runs"]:
+        metrics.run_row_ended(conn, run)
     log.warning("campaign %s cancelled: %d run(s) stopped, %d grant(s) and %d send(s) will not be delivered",
                 campaign_id, stopped["runs"], stopped["grants"], stopped["sends"])
     outcome = paging.start_run(conn, notification, FLOW)

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 from marshmallow import ValidationError
 
-from shared import dispatch, repository as repo
+from shared import dispatch, metrics, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows import grants, paging, runs
@@ -65,6 +65,7 @@ def clearance_requested(rt, conn, notification: dict) -> Outcome:
         reason = (f"ClearanceRequiredBy {deadline.isoformat()} had passed when the notification was processed "
                   f"({now.isoformat()}): nothing granted")
         repo.end_run(conn, run_id, "deadline_missed", reason)
+        metrics.run_ended(conn, FLOW.name, "deadline_missed", 0.0)  # opened and ended in this transaction
         log.error("run %s: %s", run_id, reason)
         return Outcome("done", reason)
     return Outcome("done", follow_ups=[dispatch.fetch_page(run_id)] if created else [])
@@ -120,6 +121,7 @@ def tick(rt) -> list[Enqueue]:
     """Beat's frequent job for runs with a deadline: end the overdue ones, and report statuses that waited."""
     with unit_of_work(rt.engine) as conn:
         for run in repo.close_overdue_runs(conn):
+            metrics.run_row_ended(conn, run)
             unreported = repo.unreported_count(conn, run["id"])
             log.log(logging.INFO if run["status"] == "done" else logging.ERROR,
                     "run %s (campaign %s) %s at its deadline: fetched %d, claimed %d, granted %d, rejected %d, "

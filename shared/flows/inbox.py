@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from shared import dispatch, repository as repo
+from shared import dispatch, metrics, repository as repo
 from shared.db import DatabaseUnavailable, unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows.base import Outcome
@@ -50,6 +50,7 @@ def _run_flow(rt, notification_id: int) -> Outcome | None:
             if row["attempts"] > rt.settings.max_attempts:
                 reason = f"gave up after {row['attempts'] - 1} attempts"
                 repo.finish_notification(conn, notification_id, "failed", reason)
+                metrics.notification_finished(conn, row["event_type"], "failed")
                 log.error("notification parked: %s", reason)
                 return None
             route = ROUTER.route(row["event_type"], row["channel_id"], rt.settings)
@@ -57,6 +58,7 @@ def _run_flow(rt, notification_id: int) -> Outcome | None:
             outcome = (flow.start(rt, conn, row) if flow is not None
                        else Outcome("ignored", ROUTER.unrouted_reason(route)))
             repo.finish_notification(conn, notification_id, outcome.status, outcome.reason)
+            metrics.notification_finished(conn, row["event_type"], outcome.status)
             log.info("notification %s (%s): %s%s", notification_id, flow.name if flow else route, outcome.status,
                      f" ({outcome.reason})" if outcome.reason else "")
             return outcome

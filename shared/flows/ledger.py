@@ -15,7 +15,7 @@ from hashlib import sha256
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from shared import dispatch, repository as repo
+from shared import dispatch, metrics, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows import runs
@@ -101,7 +101,9 @@ class Ledger:
         `.waiting` of the result counts the rows won that wait for their due time (`release_due`)."""
         if not claims:
             return repo.Claimed()
-        return repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=rows)
+        won = repo.claim(conn, self.table, scope.fixed(), self.columns(scope, claims), rows=rows)
+        metrics.claimed(conn, self.table.name, scope.source, len(won) + won.waiting, len(claims))
+        return won
 
     def deliveries(self, rows: Iterable[tuple[int | None, int, str]], settings) -> list[Enqueue]:
         """Delivery tasks for (run id, row id, source) triples, on the queue each source belongs to."""
@@ -144,6 +146,9 @@ class Ledger:
             finished += runs.after_settle(rt, conn, run_id, claimed) if run_id is not None else []
             if run_id is not None and not settled.retry_ids:
                 finished += runs.finish(rt, conn, run_id)
+        # one batch is one run's rows (or one real-time source's): `dispatch.deliveries` groups them so
+        metrics.ledger_settled(self.table.name, claimed[0].source, done=settled.done, rejected=settled.rejected,
+                               failed=settled.failed, retry=len(settled.retry_ids))
         log.info("%ss of run %s: %d %s, %d rejected, %d failed, %d to retry", self.noun, run_id, settled.done,
                  self.table.done, settled.rejected, settled.failed, len(settled.retry_ids))
         if not settled.retry_ids:

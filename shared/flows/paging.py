@@ -13,7 +13,7 @@ import logging
 import random
 from typing import Any, Mapping
 
-from shared import dispatch, repository as repo
+from shared import dispatch, metrics, repository as repo
 from shared.db import DatabaseUnavailable, unit_of_work
 from shared.dispatch import Enqueue
 from shared.flows import runs
@@ -72,7 +72,7 @@ def fetch_next_page(rt, run_id: int, flows: Mapping[str, Flow]) -> list[Enqueue]
         except PermanentError as exc:
             log.error("run %s failed: %s", run_id, exc)
             with unit_of_work(rt.engine) as conn:
-                repo.fail_run(conn, run_id, str(exc))
+                metrics.run_row_ended(conn, repo.fail_run(conn, run_id, str(exc)))
             return []
         try:
             return claim_page(rt, run, pages, skip, top, rows)
@@ -85,7 +85,7 @@ def _page_failed(rt, run_id: int, exc: TemporaryError) -> list[Enqueue]:
     with unit_of_work(rt.engine) as conn:
         attempts = repo.touch_run(conn, run_id, error=str(exc), count_attempt=True)
         if attempts >= rt.settings.optimove_max_attempts:
-            repo.fail_run(conn, run_id, f"gave up after {attempts} attempts: {exc}")
+            metrics.run_row_ended(conn, repo.fail_run(conn, run_id, f"gave up after {attempts} attempts: {exc}"))
             log.error("run %s failed after %d attempts: %s", run_id, attempts, exc)
             return []
     wait = backoff(attempts, cap=30, retry_after=exc.retry_after)

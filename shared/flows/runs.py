@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shared import dispatch, repository as repo
+from shared import dispatch, metrics, repository as repo
 from shared.db import unit_of_work
 from shared.dispatch import Enqueue
 from shared.optimove.client import PermanentError, TemporaryError, backoff
@@ -19,6 +19,7 @@ def finish(rt, conn, run_id: int) -> list[Enqueue]:
     finished = repo.finish_run_if_complete(conn, run_id)
     if finished is None:
         return []
+    metrics.run_row_ended(conn, finished)
     log.info("run %s (%s) %s", run_id, finished["flow"], finished["status"])
     if finished["sent"] and rt.settings.optimove_report_metrics:
         return [dispatch.report_metrics(run_id)]
@@ -84,6 +85,7 @@ def before_delivery(rt, conn, table, run_id: int, claimed: list) -> list:
         return claimed
     expired = set(repo.expire_claimed(conn, run_id, [row.id for row in claimed], EXPIRED))
     if expired:
+        metrics.after_commit(conn, lambda: metrics.ledger_settled("grants", claimed[0].source, expired=len(expired)))
         log.warning("run %s: %d grant(s) expired: the deadline is too close to send them", run_id, len(expired))
         repo.record_promotion_statuses(conn, run_id, claimed[0].values["campaign_id"],
                                        sorted({row.values["customer_id"] for row in claimed if row.id in expired}))

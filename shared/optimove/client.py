@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import requests
 
+from shared import metrics
 from shared.optimove.limiter import RateLimiter
 from shared.redact import redact, response_text
 from shared.settings import Secret
@@ -158,6 +159,7 @@ class OptimoveClient:
               params: Mapping[str, Any] | None, body: Any, priority: bool = False) -> Any:
         if self.limiter is not None:
             wait = self.limiter.try_acquire(priority) if priority else self.limiter.try_acquire()
+            metrics.observe_limiter(wait)
             if wait > 0:
                 raise RateLimited(wait)
         url = self.url(category, function)
@@ -166,13 +168,17 @@ class OptimoveClient:
         if method == "POST":
             headers["Content-Type"] = "application/json"
             data = json.dumps(body).encode()
+        started = time.perf_counter()
         try:
             response = self._session.request(method, url, params=params, data=data,
                                              headers=headers, timeout=self.timeout)
         except requests.Timeout:
+            metrics.observe_optimove_call(function, "timeout", time.perf_counter() - started)
             raise TemporaryError(f"{method} {function}: timed out after {self.timeout:g}s") from None
         except requests.RequestException as exc:
+            metrics.observe_optimove_call(function, "connection_error", time.perf_counter() - started)
             raise TemporaryError(self._redact(f"{method} {function}: {type(exc).__name__}: {exc}")) from None
+        metrics.observe_optimove_call(function, response.status_code, time.perf_counter() - started)
         log.debug("optimove %s %s -> %s", method, function, response.status_code)
         return self._decode(method, function, response)
 

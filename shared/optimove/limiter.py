@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Callable
 
+from shared.optimove.waits import note_wait
 from shared.settings import RateLimit, Secret
 
 # ARGV[4] = '1' for a priority caller (a conditional run's status report). A priority caller that
@@ -99,6 +100,9 @@ class RateLimiter(_Waits):
         wait_us, now_us = self._script(keys=[self.key, self.key + ":priority"],
                                        args=[self.limit.count, self._window_us, uuid.uuid4().hex,
                                              "1" if priority else "0"])
+        if int(wait_us) > 0:  # one refusal: added to the waits the admin page shows
+            note_wait(self._script.registered_client, self.key, int(wait_us) / 1_000_000, int(now_us) / 1_000_000,
+                      priority)
         return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
     def try_acquire(self, priority: bool = False) -> float:

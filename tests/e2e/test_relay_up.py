@@ -89,6 +89,10 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert summary["ok"] and summary["duplicate_grants"] == 0
         assert summary["granted_at_bonus_system"] == summary["expected_triples"] > 0
         assert summary["seconds"] < 60
+        # each worker process serves its own metrics (relay up gives each a port): the campaign's pages are there
+        assert set(info["worker_metrics"]) == {"worker", "realtime", "realtime2", "realtime3", "realtime4"}
+        scraped = requests.get(info["worker_metrics"]["worker"], timeout=5).text
+        assert 'relay_optimove_calls_total{function="GetCustomerExecutionDetailsByCampaign",status="200"}' in scraped
 
         sends = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "campaign", "--role", "send",
                                 "--data-dir", str(data_dir), "--customers", "600", "--spread", "6", "--json",

@@ -263,3 +263,17 @@ def test_deeply_nested_json_is_refused_or_stored_never_a_500(client, db, redis_u
         unchanged(db, redis_url)
     else:
         assert response.status_code == 202 and depth < 1000, response.json
+
+
+def test_an_unpaired_surrogate_escape_is_stored_not_a_500(client, db, redis_url):
+    """`"\\ud8ba"` is valid JSON that jsonb cannot hold: it used to be a 500 (found by schemathesis).
+    The raw body keeps it as received; the payload and the parsed fields carry U+FFFD instead."""
+    raw = '{"EventTypeID": 11, "CampaignID": 7, "CustomerID": "C\\ud8ba1", "note": "\\udf81 \\ud83d\\ude00"}'
+    response = client.post(URL, data=raw, content_type="application/json")
+    assert response.status_code == 202, response.json
+    with db.cursor() as cur:
+        cur.execute("SELECT raw_body, payload FROM notifications WHERE id = %s", (response.json["notification_id"],))
+        raw_body, payload = cur.fetchone()
+    assert raw_body == raw
+    assert payload["CustomerID"] == "C\ufffd1" and payload["note"] == "\ufffd \U0001F600"
+    assert sum(queue_lengths(redis_url).values()) == 1

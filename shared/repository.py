@@ -52,6 +52,14 @@ def start_notification(conn: Connection, notification_id: int) -> dict[str, Any]
     return dict(row._mapping) if row else None
 
 
+def lock_unfinished_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:
+    """The notification, row-locked for this transaction, while it is unfinished (None once finished)."""
+    row = conn.execute(sa.text("""
+        SELECT id, event_type, campaign_id, channel_id, payload, attempts FROM notifications
+        WHERE id = :id AND status IN ('received', 'processing') FOR UPDATE"""), {"id": notification_id}).first()
+    return dict(row._mapping) if row else None
+
+
 def finish_notification(conn: Connection, notification_id: int, status: str, error: str | None = None) -> None:
     """Record the outcome (`done`, `ignored`, `failed`) of a notification."""
     conn.execute(sa.text("""

@@ -42,8 +42,15 @@ def process_notification(rt, notification_id: int) -> list[Enqueue]:
 
 
 def _run_flow(rt, notification_id: int) -> Outcome | None:
+    # The attempt is counted in a transaction of its own, committed before the flow runs: a flow
+    # that raises, or a worker that dies in it (a poison notification), rolls back its own work but
+    # not the count, so the notification is parked after RELAY_MAX_ATTEMPTS instead of looping.
     with unit_of_work(rt.engine) as conn:
-        row = repo.start_notification(conn, notification_id)
+        counted = repo.start_notification(conn, notification_id)
+    if counted is None:
+        return None
+    with unit_of_work(rt.engine) as conn:
+        row = repo.lock_unfinished_notification(conn, notification_id)  # one delivery at a time
         if row is None:
             return None
         with log_context(campaign_id=row["campaign_id"]):

@@ -289,3 +289,54 @@ def test_concurrent_overlapping_claims_neither_deadlock_nor_double_claim(rt, db)
     assert not set(results["a"]) & set(results["b"])
     assert len(results["a"]) + len(results["b"]) == len(pairs)
     assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = 21") == len(pairs)
+
+
+class WorkerDied(BaseException):
+    """Stands for a worker process dying inside the flow (SIGKILL, OOM): nothing after it runs."""
+
+
+@pytest.mark.parametrize("crash", [RuntimeError("poison"), WorkerDied()], ids=["raises", "worker_dies"])
+def test_a_notification_that_crashes_its_flow_every_time_is_parked_and_others_go_on(rt, db, monkeypatch, crash):
+    """The attempt is committed before the flow runs, so a crash that rolls the flow back still counts:
+    bounded attempts, then `failed` with a reason. (It used to be counted inside the flow's transaction,
+    so a poison notification was retried forever.)"""
+    import dataclasses
+
+    from shared.flows.routing import ROUTER
+
+    poison, healthy = notify(rt, 31, 504), notify(rt, 32, 505)
+    real_flow_for = ROUTER.flow_for
+
+    def flow_for(route):
+        flow = real_flow_for(route)
+
+        def start(runtime, conn, row):
+            if row["id"] == poison:
+                raise crash
+            return flow.start(runtime, conn, row)
+
+        return dataclasses.replace(flow, start=start) if flow is not None else None
+
+    monkeypatch.setattr(ROUTER, "flow_for", flow_for)
+    deliveries = 0
+    while True:  # what the worker and the broker do: run, and run again what comes back or was lost
+        deliveries += 1
+        assert deliveries <= rt.settings.max_attempts + 1, "the poison notification was never parked"
+        try:
+            follow_ups = inbox.process_notification(rt, poison)
+        except WorkerDied:  # the broker redelivers the unacknowledged task
+            continue
+        if not follow_ups:
+            break
+        assert [f.task for f in follow_ups] == [dispatch.PROCESS_NOTIFICATION]
+    with db.cursor() as cur:
+        cur.execute("SELECT status, attempts, last_error FROM notifications WHERE id = %s", (poison,))
+        status, attempts, error = cur.fetchone()
+    assert status == "failed" and attempts == rt.settings.max_attempts + 1
+    assert error == f"gave up after {rt.settings.max_attempts} attempts"
+    assert deliveries == rt.settings.max_attempts + 1
+    drain(rt, inbox.process_notification(rt, healthy))  # other work is unaffected
+    with db.cursor() as cur:
+        cur.execute("SELECT status FROM notifications WHERE id = %s", (healthy,))
+        assert cur.fetchone() == ("done",)
+    assert count(db, "SELECT count(*) FROM campaign_runs WHERE status = 'done'") == 1

@@ -2,8 +2,19 @@
 
 Built from the same settings everywhere (reliability-notes.md): late acks, requeue on a lost
 worker, one exchange per queue, and every countdown well under the visibility timeout.
+
+The broker is `BROKER_URL` (default `REDIS_URL`): Redis or RabbitMQ (amqp://). Redis always
+holds the Optimove rate limiter. With RabbitMQ a message a worker took but did not acknowledge
+goes back to its queue as soon as that worker's connection closes (a SIGKILLed worker included),
+not after a visibility timeout; countdowns are held unacknowledged by the worker, which RabbitMQ
+allows for `consumer_timeout` (30 min by default): the relay's countdowns are minutes at most
+(Optimove's Retry-After is capped at 300 s) and its tasks end within `task_time_limit`
+(`RELAY_VISIBILITY_TIMEOUT` / 2, 900 s by default).
 """
 from __future__ import annotations
+
+import os
+import threading
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -11,18 +22,49 @@ from kombu import Exchange, Queue
 from shared import dispatch
 from shared.settings import Settings
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
-def celery_config(settings: Settings) -> dict:
-    """Celery settings that keep acknowledged work from being lost or run twice in parallel."""
+
+def is_redis_url(url: str | None) -> bool:
+    """Whether `url` names a Redis server (kombu's Redis transport)."""
+    return bool(url) and url.startswith(REDIS_SCHEMES)
+
+
+def is_amqp_url(url: str | None) -> bool:
+    """Whether `url` names an AMQP broker (RabbitMQ)."""
+    return bool(url) and url.startswith(AMQP_SCHEMES)
+
+
+def transport_config(url: str | None, visibility_timeout: int) -> dict:
+    """The broker-specific Celery settings: Redis' visibility timeout and socket timeouts, or RabbitMQ's
+    publisher confirms and heartbeat."""
+    if is_amqp_url(url):
+        return {
+            # a publish returns once RabbitMQ has taken the message (as an LPUSH answers once Redis has it)
+            "broker_transport_options": {"confirm_publish": True},
+            # the worker's consumer connection: a dead broker or connection is noticed within two beats
+            # (a solo-pool worker beats only between tasks: RabbitMQ waits 240 s, far past a real-time task)
+            "broker_heartbeat": 120,
+            "broker_connection_timeout": 4,
+        }
     return {
-        "broker_url": settings.redis_url,
-        "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
+            "visibility_timeout": visibility_timeout,
             "socket_connect_timeout": 3,
             "socket_timeout": 10,
             "retry_on_timeout": True,
         },
+    }
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings that keep acknowledged work from being lost or run twice in parallel."""
+    url = settings.celery_broker_url
+    return {
+        "broker_url": url,
+        "broker_connection_retry_on_startup": True,
+        **transport_config(url, settings.visibility_timeout),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -55,12 +97,12 @@ def celery_config(settings: Settings) -> dict:
 def create_app(settings: Settings, publisher: bool = False) -> Celery:
     """A Celery app for `settings` (no tasks registered).
 
-    `publisher=True` (the web process, which only publishes) uses the Redis transport that keeps
-    its client between publishes.
+    `publisher=True` (the web process, which only publishes) uses, when the broker is Redis, the
+    Redis transport that keeps its client between publishes.
     """
     app = Celery("relay", set_as_current=True)
     app.conf.update(celery_config(settings))
-    if publisher and (settings.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
+    if publisher and is_redis_url(settings.celery_broker_url):
         app.conf.broker_transport = "shared.transport:Transport"
     return app
 
@@ -133,5 +175,85 @@ class DirectRedisPublisher:
 
 def direct_publisher(settings: Settings) -> DirectRedisPublisher | None:
     """The direct publisher when the broker is Redis, else None (publish through Celery)."""
-    url = settings.redis_url or ""
-    return DirectRedisPublisher(url) if url.startswith(("redis://", "rediss://", "unix://")) else None
+    url = settings.celery_broker_url
+    return DirectRedisPublisher(url) if is_redis_url(url) else None
+
+
+class AmqpProbe:
+    """One kept AMQP connection of this process for `/readyz` and the queue-depth gauges.
+
+    A call costs a few round trips on that connection (no connection per call, no message touched);
+    every connect, read and write gives up after `timeout` seconds. A call that fails drops the
+    connection and tries once more on a new one, so a broker restart since the last call is no alarm.
+    """
+
+    def __init__(self, url: str, timeout: float = 2.0):
+        self.url = url
+        self.timeout = timeout
+        self._lock = threading.Lock()  # gthread workers: one caller at a time on the connection
+        self._conn = None
+
+    def _connection(self):
+        if self._conn is None:
+            from kombu import Connection
+
+            conn = Connection(self.url, connect_timeout=self.timeout, heartbeat=0,
+                              transport_options={"read_timeout": self.timeout, "write_timeout": self.timeout})
+            conn.ensure_connection(max_retries=0)  # one attempt (`connect()` tries again after 2 s)
+            self._conn = conn
+        return self._conn.connection
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.collect()  # release the socket without a close handshake on a dead connection
+            except Exception:
+                pass
+
+    def _call(self, fn):
+        with self._lock:
+            kept = self._conn is not None
+            try:
+                return fn(self._connection())
+            except Exception:
+                self._drop()
+                if not kept:
+                    raise
+            return fn(self._connection())  # the kept connection had died: once more on a new one
+
+    def ping(self) -> None:
+        """A round trip to the broker (a channel opened and closed); raises when it is unreachable."""
+        self._call(lambda conn: conn.channel().close())
+
+    def queue_depths(self, queues=dispatch.QUEUES) -> dict[str, int]:
+        """Messages ready in each queue (passive queue.declare: RabbitMQ does not count the unacknowledged
+        ones here); 0 for a queue no worker has declared yet."""
+        def read(conn):
+            from amqp.exceptions import NotFound
+
+            depths = {}
+            channel = conn.channel()
+            for queue in queues:
+                try:
+                    depths[queue] = channel.queue_declare(queue, passive=True).message_count
+                except NotFound:  # the broker closed the channel
+                    depths[queue] = 0
+                    channel = conn.channel()
+            channel.close()
+            return depths
+        return self._call(read)
+
+
+_probes: dict[str, AmqpProbe] = {}
+os.register_at_fork(after_in_child=_probes.clear)  # a forked child opens its own connection
+
+
+def amqp_probe(url: str | None) -> AmqpProbe | None:
+    """This process's probe of the AMQP broker at `url`; None when `url` is not AMQP."""
+    if not is_amqp_url(url):
+        return None
+    probe = _probes.get(url)
+    if probe is None:
+        probe = _probes[url] = AmqpProbe(url)
+    return probe

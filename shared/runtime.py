@@ -36,7 +36,7 @@ class Runtime:
 
     @cached_property
     def redis(self):
-        """A Redis client for the rate limiter (same server as the broker)."""
+        """A Redis client for the rate limiter (the Celery broker too, unless `BROKER_URL` names another)."""
         import redis
 
         self.settings.require("redis_url")

@@ -259,7 +259,11 @@ class Settings:
     database_url: str | None = _opt("DATABASE_URL", _url(("postgresql", "postgres")),
                                      doc="Postgres URL; unset means `relay up` starts an embedded one")
     redis_url: str | None = _opt("REDIS_URL", _url(("redis", "rediss", "unix", "amqp")),
-                                 doc="Celery broker and rate-limit store; unset means `relay up` starts an embedded Redis")
+                                 doc="rate-limit store, and the Celery broker unless BROKER_URL is set; unset means "
+                                     "`relay up` starts an embedded Redis")
+    broker_url: str | None = _opt("BROKER_URL", _url(("redis", "rediss", "unix", "amqp", "amqps")),
+                                  doc="Celery broker: Redis (redis://) or RabbitMQ "
+                                      "(amqp://user:password@host:5672/vhost); unset: REDIS_URL")
     listener_tokens: tuple[Secret, ...] = _opt("RELAY_LISTENER_TOKENS", _tokens, (),
                                                doc="comma-separated listener secrets (>=16 chars each)")
     public_url: str | None = _opt("RELAY_PUBLIC_URL", _url(("http", "https")),
@@ -328,6 +332,11 @@ class Settings:
     worker_metrics_bind: str = _opt("RELAY_WORKER_METRICS_BIND", _host, "127.0.0.1",
                                     "address the worker metrics port binds (0.0.0.0 in containers)")
     channels: ChannelConfig = field(default_factory=ChannelConfig)
+
+    @property
+    def celery_broker_url(self) -> str | None:
+        """The Celery broker: `BROKER_URL`, else `REDIS_URL` (which always holds the rate limiter)."""
+        return self.broker_url or self.redis_url
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

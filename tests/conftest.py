@@ -165,3 +165,60 @@ def queue_lengths(redis_url: str) -> dict[str, int]:
 
 def new_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+class BrokerURL(str):
+    """A `BROKER_URL` for one test (`broker` fixture): `kind` is redis or amqp; for amqp, `server` (a
+    `tests.rabbitmq.RabbitMQ`) and `vhost` name where the test's queues live."""
+
+    kind: str
+    server = None
+    vhost: str | None = None
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """A RabbitMQ server for the amqp variants (see tests/rabbitmq.py): the one at `TEST_RABBITMQ_URL`
+    (default 127.0.0.1:5672) or a private one for the session; skips those variants, saying why, without."""
+    import warnings
+
+    from tests.rabbitmq import DEFAULT_URL, HOW_TO, PrivateServer, shared_server
+
+    server, why = shared_server(os.environ.get("TEST_RABBITMQ_URL") or DEFAULT_URL)
+    if server is not None:
+        yield server
+        return
+    base = Path(tempfile.mkdtemp(prefix="relay-rabbitmq-"))
+    private = PrivateServer(base)
+    try:
+        server = private.start()
+    except Exception as exc:
+        private.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        reason = (f"RabbitMQ (amqp) variants skipped: {why}, and a private rabbitmq-server did not start ({exc}). "
+                  f"To run them, {HOW_TO}")
+        warnings.warn(reason)
+        pytest.skip(reason)
+    yield server
+    private.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request):
+    """`BROKER_URL` for one test, which runs once per broker. redis: the test's Redis (`private_redis` when the
+    test uses it, else `redis_url`); amqp: a fresh vhost on the `rabbitmq` server, deleted afterwards."""
+    if request.param == "redis":
+        fixture = "private_redis" if "private_redis" in request.fixturenames else "redis_url"
+        url = BrokerURL(request.getfixturevalue(fixture))
+        url.kind = "redis"
+        yield url
+        return
+    server = request.getfixturevalue("rabbitmq")
+    vhost, raw = server.add_vhost()
+    url = BrokerURL(raw)
+    url.kind, url.server, url.vhost = "amqp", server, vhost
+    try:
+        yield url
+    finally:
+        server.delete_vhost(vhost)

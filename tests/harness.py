@@ -17,7 +17,8 @@ from tests.conftest import ADMIN_PASSWORD, ROOT, TOKEN, poll
 def relay_env(database_url: str, redis_url: str, **extra) -> dict[str, str]:
     """The environment of a relay process for tests (nothing inherited from the runner's relay settings)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "SEND_", "DATABASE_URL", "REDIS_URL"))}
+           if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "SEND_", "DATABASE_URL", "REDIS_URL",
+                                "BROKER_URL"))}
     env.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "RELAY_LISTENER_TOKENS": TOKEN,
                 "RELAY_ADMIN_PASSWORD": ADMIN_PASSWORD, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
     env.update({k: str(v) for k, v in extra.items()})

@@ -1,10 +1,12 @@
-"""`/healthz` (process up) and `/readyz` (Postgres and Redis reachable)."""
+"""`/healthz` (process up) and `/readyz` (Postgres, Redis and, when it is not that Redis, the broker reachable)."""
 from __future__ import annotations
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, jsonify
 
+from shared import broker
 from web.context import runtime
+from web.metrics import broker_client
 
 bp = Blueprint("health", __name__)
 
@@ -17,7 +19,11 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Both stores reachable; 503 naming the one that is not."""
+    """Postgres, Redis and the Celery broker reachable; 503 naming each one that is not.
+
+    The broker is checked on its own (as `rabbitmq`, or `broker` for another Redis) only when `BROKER_URL`
+    is not `REDIS_URL`.
+    """
     rt = runtime()
     checks: dict[str, str] = {}
     try:
@@ -31,6 +37,18 @@ def readyz():
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
+    url = rt.settings.celery_broker_url
+    if url and url != rt.settings.redis_url:
+        name = "rabbitmq" if broker.is_amqp_url(url) else "broker"
+        try:
+            probe = broker.amqp_probe(url)
+            if probe is not None:
+                probe.ping()
+            else:
+                broker_client(url).ping()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unreachable: {type(exc).__name__}"
     down = [name for name, state in checks.items() if state != "ok"]
     body = {"status": "ready" if not down else "unavailable", "checks": checks}
     if down:

@@ -8,8 +8,9 @@ Three kinds of series:
 - whatever `shared/metrics.py` counted in this process (in a worker that is the work itself; each
   `relay worker` serves those on its own port, `RELAY_WORKER_METRICS_PORT`);
 - gauges read at scrape time from the stores, each bounded so a scrape stays cheap however large the
-  ledgers grow (no full-table count): queue depth per Celery queue (Redis `LLEN`), messages
-  reserved by workers (`HLEN unacked`), the unfinished notifications (`received`, `processing`,
+  ledgers grow (no full-table count): queue depth per Celery queue (Redis `LLEN`; with RabbitMQ
+  the ready messages, by a passive `queue.declare` on one kept connection), messages reserved by
+  workers (`HLEN unacked`; Redis only), the unfinished notifications (`received`, `processing`,
   through their partial index, at most `BACKLOG_CAP` rows), running runs (partial index), runs
   that ended in the last hour among the newest `RECENT_RUNS` runs (primary-key range), and each
   table's row count as Postgres' statistics estimate it (no table read). Finished notifications
@@ -25,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 
 from shared import repository as repo
+from shared.broker import AmqpProbe, amqp_probe
 from shared.dispatch import QUEUES
 from web.context import runtime
 
@@ -67,7 +69,8 @@ def queue_depths(client, queues=QUEUES) -> tuple[dict[str, int], int]:
 
 
 class StoreCollector:
-    """The scrape-time gauges of Postgres (`engine`) and the broker (`broker`, a Redis client or None)."""
+    """The scrape-time gauges of Postgres (`engine`) and the broker (`broker`, a Redis client, an `AmqpProbe`
+    or None)."""
 
     def __init__(self, engine, broker):
         self.engine = engine
@@ -128,6 +131,9 @@ class StoreCollector:
         yield tables
 
     def _broker(self):
+        if isinstance(self.broker, AmqpProbe):
+            yield from self._amqp()
+            return
         try:
             depths, unacked = queue_depths(self.broker)
         except Exception as exc:
@@ -140,6 +146,18 @@ class StoreCollector:
         yield queues
         yield GaugeMetricFamily("relay_queue_unacked_messages", "Messages delivered to workers and not "
                                 "acknowledged yet (running, reserved, or held for a countdown)", value=unacked)
+
+    def _amqp(self):
+        try:
+            depths = self.broker.queue_depths(QUEUES)
+        except Exception as exc:
+            log.warning("metrics: broker gauges unavailable (%s)", type(exc).__name__)
+            return
+        queues = GaugeMetricFamily("relay_queue_messages", "Messages waiting in each Celery queue (RabbitMQ's ready "
+                                   "messages; the unacknowledged ones are not counted)", labels=["queue"])
+        for queue, n in depths.items():
+            queues.add_metric([queue], n)
+        yield queues
 
 
 _brokers: dict[str, object] = {}
@@ -171,7 +189,8 @@ def metrics():
         multiprocess.MultiProcessCollector(registry)
     rt = runtime()
     stores = CollectorRegistry()
-    stores.register(StoreCollector(rt.engine, broker_client(rt.settings.redis_url)))
+    url = rt.settings.celery_broker_url
+    stores.register(StoreCollector(rt.engine, broker_client(url) or amqp_probe(url)))
     return Response(generate_latest(registry) + generate_latest(stores), mimetype=CONTENT_TYPE_LATEST)
 
 

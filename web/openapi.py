@@ -201,9 +201,10 @@ def document() -> dict:
                                            "up")},
             }},
             "/readyz": {"get": {
-                "operationId": "readyz", "summary": "Postgres and Redis reachable", "security": [],
-                "responses": {"200": _json("Readiness", "both reachable"),
-                              "503": _json("Readiness", "one or both unreachable (`error` names which)")},
+                "operationId": "readyz", "summary": "Postgres, Redis and the broker (when not that Redis) reachable",
+                "security": [],
+                "responses": {"200": _json("Readiness", "all reachable"),
+                              "503": _json("Readiness", "one or more unreachable (`error` names which)")},
             }},
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document", "security": [],

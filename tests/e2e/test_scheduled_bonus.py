@@ -1,4 +1,8 @@
-"""Flow 3 end to end: real web and worker processes, real Postgres and Redis, the simulator as peers."""
+"""Flow 3 end to end: real web and worker processes, real Postgres and Redis, the simulator as peers.
+
+Each mode runs once per broker (`broker` fixture): Redis, and RabbitMQ (a fresh vhost; Redis keeps the
+rate limiter).
+"""
 from __future__ import annotations
 
 import pytest
@@ -25,9 +29,9 @@ def expected_set(spec: dict) -> set[tuple[int, str, str]]:
 
 
 @pytest.mark.parametrize("mode", ["batch", "single"])
-def test_three_channel_campaign_granted_exactly_once(mode, procs, simulator, database_url, redis_url, db):
+def test_three_channel_campaign_granted_exactly_once(mode, broker, procs, simulator, database_url, redis_url, db):
     bonus_url = simulator.bonus_url if mode == "batch" else simulator.bonus_single_url
-    env = relay_env(database_url, redis_url, OPTIMOVE_API_URL=simulator.optimove_url,
+    env = relay_env(database_url, redis_url, BROKER_URL=broker, OPTIMOVE_API_URL=simulator.optimove_url,
                     OPTIMOVE_API_KEY="sim-api-key-0123456789", OPTIMOVE_PAGE_SIZE=400,
                     BONUS_URL=bonus_url, BONUS_MODE=mode, BONUS_BATCH_SIZE=200)
     base = procs.web(env)
@@ -54,6 +58,12 @@ def test_three_channel_campaign_granted_exactly_once(mode, procs, simulator, dat
     pairs = sum(len(parse_execution_row(r).promo_codes)
                 for ch in spec["channels"] for r in channel_rows(spec, ch, 0, 10 ** 9))
     assert status["claimed"] + status["duplicates_skipped"] == pairs
+    # /readyz checks RabbitMQ on its own; /metrics reads its queue depth (ready messages) over AMQP
+    checks = requests.get(base + "/readyz", timeout=10).json()["checks"]
+    assert checks == {"postgres": "ok", "redis": "ok", **({"rabbitmq": "ok"} if broker.kind == "amqp" else {})}
+    scrape = requests.get(base + "/metrics", timeout=10).text
+    assert 'relay_metrics_source_up{source="broker"} 1.0' in scrape, scrape[-2000:]
+    assert 'relay_queue_messages{queue="grants"}' in scrape
     logs = procs.logs(tail=None)
     assert "process_notification" in logs and "granted" in logs  # the logs are there to be searched
     for secret in (TOKEN, ADMIN_PASSWORD, "sim-api-key-0123456789"):

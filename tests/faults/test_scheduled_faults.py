@@ -30,16 +30,18 @@ def _env(database_url, redis_url, sim, mode="batch", **extra):
     return relay_env(database_url, redis_url, **{**values, **extra})
 
 
-def test_worker_sigkilled_mid_run_resumes_exactly(procs, make_simulator, private_redis, database_url, db,
+def test_worker_sigkilled_mid_run_resumes_exactly(broker, procs, make_simulator, private_redis, database_url, db,
                                                   tmp_path):
-    """SIGKILL the only worker (and its pool) while pages and grant batches are in flight.
+    """SIGKILL the only worker (and its pool) while pages and grant batches are in flight; once per broker.
 
-    Its unacked messages stay invisible for the visibility timeout (and kombu only sweeps them back
-    about every 100 s), so the beat sweeper must re-drive the stale runs and claimed grants from
-    Postgres; the replayed bonus calls carry the same idempotency keys.
+    Redis: its unacked messages stay invisible for the visibility timeout (and kombu only sweeps them
+    back about every 100 s), so the beat sweeper must re-drive the stale runs and claimed grants from
+    Postgres. RabbitMQ (a fresh vhost; the private Redis keeps the rate limiter): the broker puts them
+    back in their queues as soon as the worker's connection drops, and the sweeper may re-drive the
+    same work too. Either way the replayed bonus calls carry the same idempotency keys.
     """
     sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=150)
-    env = _env(database_url, private_redis, sim, OPTIMOVE_PAGE_SIZE=200, BONUS_BATCH_SIZE=200,
+    env = _env(database_url, private_redis, sim, OPTIMOVE_PAGE_SIZE=200, BONUS_BATCH_SIZE=200, BROKER_URL=broker,
                RELAY_VISIBILITY_TIMEOUT=120, RELAY_SWEEP_AFTER=3, RELAY_SWEEP_INTERVAL=1)
     campaign = create_campaign(sim, 515151, customers_per_channel=3000)
     expected = len(campaign.triples)
@@ -51,8 +53,14 @@ def test_worker_sigkilled_mid_run_resumes_exactly(procs, make_simulator, private
     fire(base, campaign)
     poll(lambda: count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id) >= expected // 4,
          40, message="a quarter of the grants claimed")
-    procs.kill("worker")
-    in_flight = redis.Redis.from_url(private_redis).hlen("unacked")
+    if broker.kind == "amqp":  # RabbitMQ requeues them the moment the connection drops: count them before
+        in_flight = sum(unacked for _, unacked in broker.server.queues(broker.vhost).values())
+        procs.kill("worker")
+        poll(lambda: sum(u for _, u in broker.server.queues(broker.vhost).values()) == 0, 15, 0.5,
+             "RabbitMQ to requeue the killed worker's messages")
+    else:
+        procs.kill("worker")
+        in_flight = redis.Redis.from_url(private_redis).hlen("unacked")
     assert in_flight > 0, "the killed worker held no unacknowledged task"
     claimed_at_kill = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id)
     granted_at_kill = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s AND status = 'granted'",

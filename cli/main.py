@@ -100,7 +100,9 @@ def _quiet(settings) -> list[str]:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               show_default="$RELAY_WORKER_METRICS_PORT, else none",
               help="serve this worker's Prometheus metrics (its pool children's included) on this port; 0: none")
-def worker(queues: str, concurrency: int, pool: str, metrics_port: int | None) -> None:
+@click.option("--hostname", "-n", default=None, show_default="relay-<pid>@<host>",
+              help="the worker's Celery node name (one per machine or process; %h is the host name)")
+def worker(queues: str, concurrency: int, pool: str, metrics_port: int | None, hostname: str | None) -> None:
     """Run a Celery worker on the given queues (each process or thread takes one message at a time)."""
     unknown = [q for q in queues.split(",") if q.strip() not in QUEUES]
     if unknown or not queues.strip():
@@ -126,7 +128,7 @@ def worker(queues: str, concurrency: int, pool: str, metrics_port: int | None) -
     if pool == "solo":
         concurrency = 1
     app.worker_main([*_quiet(settings), "worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
-                     "-n", f"relay-{os.getpid()}@%h", "--loglevel", settings.log_level.upper(),
+                     "-n", hostname or f"relay-{os.getpid()}@%h", "--loglevel", settings.log_level.upper(),
                      "--without-gossip", "--without-mingle"])
 
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast bench faults-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -25,6 +25,9 @@ test-fast: $(STAMP)      ## unit tests only
 bench: $(STAMP)          ## the benchmarks (not tests)
 	$(BIN)/python bench/receiver.py
 	$(BIN)/python bench/campaign.py
+
+faults-report: $(STAMP)  ## run the fault suite and regenerate bench/faults.md
+	$(BIN)/python bench/faults_report.py
 
 clean:
 	rm -rf $(VENV) .relay

@@ -222,3 +222,20 @@ def broker(request):
         yield url
     finally:
         server.delete_vhost(vhost)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With RELAY_FAULTS_REPORT=FILE (`make faults-report`), append one JSON line per test: what it
+    injected (its docstring), its outcome, duration and the figures it printed."""
+    outcome = yield
+    path = os.environ.get("RELAY_FAULTS_REPORT")
+    report = outcome.get_result()
+    if not path or report.when != "call":
+        return
+    import json
+
+    doc = " ".join((getattr(item.function, "__doc__", None) or item.module.__doc__ or "").split())
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"nodeid": item.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 1),
+                            "doc": doc, "printed": report.capstdout.strip()}) + "\n")

@@ -77,6 +77,9 @@ def connect(base: str) -> http.client.HTTPConnection:
 
 
 def test_tokens_sizes_types_and_encodings_are_refused_and_change_nothing(web, db, redis_url):
+    """Missing, truncated, extended and empty tokens; 1 MiB + 1 byte; text/plain and no content type;
+    invalid UTF-8; 50,000 nested arrays; NaN: each refused 4xx with nothing stored or enqueued; both
+    tokens of a rotation accepted."""
     conn = connect(web)
     body = json.dumps(VALID).encode()
     cases = [
@@ -110,6 +113,8 @@ def test_tokens_sizes_types_and_encodings_are_refused_and_change_nothing(web, db
 
 def test_a_flood_of_10000_junk_requests_stores_nothing_and_a_valid_one_gets_through_within_a_second(
         web, db, redis_url):
+    """10,000 distinct junk requests from 8 connections (12 kinds: tokens, JSON, encodings, content types,
+    nesting, schema); a valid notification is sent half way through."""
     total, threads = 10_000, 8
     counter = itertools.count()
     statuses: dict[int, int] = {}

@@ -4,7 +4,8 @@
   persistence (then every queued and unacknowledged message is gone: the beat sweeper and the
   Postgres cursor must recover everything acknowledged), and the workers consume again afterwards;
 - Postgres restarted (fast shutdown) mid-batch;
-- the worker sent SIGTERM mid-run, as a deploy does: its tasks finish or go back to the queue.
+- the worker sent SIGTERM mid-run, as a deploy does: its tasks finish or go back to the queue;
+- one prefork pool child SIGKILLed mid-task while the worker lives on.
 
 Each ends with the same invariants: every expected (campaign, customer, promo) triple granted
 exactly once at the fake bonus system, every acknowledged notification processed, and
@@ -138,3 +139,26 @@ def test_worker_sigterm_mid_run_like_a_deploy(procs, make_simulator, redis_url, 
     summary = assert_exact(db, sim, campaign)
     print(f"\nSIGTERM at {stopped_at} of {expected} claimed (worker exited {worker.returncode}); bonus calls "
           f"{summary['calls']}, items {summary['items_received']}; {time.monotonic() - started:.1f}s in all")
+
+
+def test_pool_child_sigkilled_mid_task(procs, make_simulator, redis_url, database_url, db, tmp_path):
+    """One prefork pool child SIGKILLed while it runs a task (the worker's main process lives on)."""
+    import psutil
+
+    sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=300)
+    env = _env(database_url, redis_url, sim)
+    campaign = create_campaign(sim, 686868, customers_per_channel=3000)
+    expected = len(campaign.triples)
+    base = _start(procs, env, tmp_path)
+    started = time.monotonic()
+    fire(base, campaign)
+    poll(lambda: _claimed(db, campaign) >= expected // 4, 40, message="a quarter of the grants claimed")
+    children = psutil.Process(procs.procs["worker"].pid).children()
+    busy = max(children, key=lambda p: p.cpu_times().user + p.cpu_times().system)
+    busy.kill()  # mid-task: Celery requeues its message (task_reject_on_worker_lost) and forks a new child
+    at_kill = _claimed(db, campaign)
+    wait_done(db, campaign, 90)
+    summary = assert_exact(db, sim, campaign)
+    assert procs.procs["worker"].poll() is None  # the worker itself carried on
+    print(f"\npool child {busy.pid} SIGKILLed at {at_kill} of {expected} claimed; bonus calls {summary['calls']}, "
+          f"items {summary['items_received']}; {time.monotonic() - started:.1f}s in all")

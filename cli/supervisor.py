@@ -74,6 +74,19 @@ def say(name: str, line: str) -> None:
                 pass
 
 
+def lower_priority(nice: int) -> None:
+    """Run at `nice`, also against other sessions: with autogroup scheduling (the Linux default) each
+    session is one scheduling group and a process's nice only ranks it inside its session, so the
+    session's group gets the same nice (bench/receiver.py: a niced worker session took its full
+    share of the CPU from web until its autogroup was niced too)."""
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:  # no autogroup scheduling here: the plain nice value is what counts
+        pass
+
+
 class UpError(Exception):
     """`relay up` cannot start; the message says why (exit code 2)."""
 
@@ -92,7 +105,7 @@ class Child:
         nice = self.nice
         self.proc = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                     preexec_fn=(lambda: lower_priority(nice)) if nice else None)
         self.pump = threading.Thread(target=self._pump, daemon=True)
         self.pump.start()
 

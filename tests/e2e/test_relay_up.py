@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -99,6 +100,10 @@ def test_up_ready_simulate_stop_restart(tmp_path):
                 pass
         assert niceness["web"] == {0} and niceness["realtime"] == {0}, niceness
         assert niceness["worker"] == niceness["beat"] == niceness["simulator"] == {10}, niceness
+        worker = next(p for p in children if child_role(p.cmdline()) == "worker")
+        autogroup = Path(f"/proc/{worker.pid}/autogroup")
+        if autogroup.exists():  # the session's scheduling group is niced too, or the nice is moot
+            assert autogroup.read_text().split()[-1] == "10", autogroup.read_text()
 
         sim = subprocess.run([sys.executable, "-m", "cli.main", "simulate", "campaign", "--data-dir",
                               str(data_dir), "--customers", "1000", "--json", "--timeout", "60"],

@@ -131,33 +131,22 @@ class StoreCollector:
         yield tables
 
     def _broker(self):
-        if isinstance(self.broker, AmqpProbe):
-            yield from self._amqp()
-            return
-        try:
-            depths, unacked = queue_depths(self.broker)
+        amqp = isinstance(self.broker, AmqpProbe)
+        try:  # RabbitMQ reports ready messages only; Redis also the unacknowledged ones
+            depths, unacked = (self.broker.queue_depths(QUEUES), None) if amqp else queue_depths(self.broker)
         except Exception as exc:
             log.warning("metrics: broker gauges unavailable (%s)", type(exc).__name__)
             return
-        queues = GaugeMetricFamily("relay_queue_messages", "Messages waiting in each Celery queue (Redis LLEN, "
-                                   "every priority)", labels=["queue"])
+        source = ("RabbitMQ's ready messages; the unacknowledged ones are not counted" if amqp
+                  else "Redis LLEN, every priority")
+        queues = GaugeMetricFamily("relay_queue_messages", f"Messages waiting in each Celery queue ({source})",
+                                   labels=["queue"])
         for queue, n in depths.items():
             queues.add_metric([queue], n)
         yield queues
-        yield GaugeMetricFamily("relay_queue_unacked_messages", "Messages delivered to workers and not "
-                                "acknowledged yet (running, reserved, or held for a countdown)", value=unacked)
-
-    def _amqp(self):
-        try:
-            depths = self.broker.queue_depths(QUEUES)
-        except Exception as exc:
-            log.warning("metrics: broker gauges unavailable (%s)", type(exc).__name__)
-            return
-        queues = GaugeMetricFamily("relay_queue_messages", "Messages waiting in each Celery queue (RabbitMQ's ready "
-                                   "messages; the unacknowledged ones are not counted)", labels=["queue"])
-        for queue, n in depths.items():
-            queues.add_metric([queue], n)
-        yield queues
+        if unacked is not None:
+            yield GaugeMetricFamily("relay_queue_unacked_messages", "Messages delivered to workers and not "
+                                    "acknowledged yet (running, reserved, or held for a countdown)", value=unacked)
 
 
 _brokers: dict[str, object] = {}

@@ -55,3 +55,11 @@ def start_stores(tmp: Path, stack: ExitStack, appendonly: bool) -> tuple[str, st
         notes.append("Redis from REDIS_URL")
     upgrade(db_url)
     return db_url, redis_url, pids, notes
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a process's log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

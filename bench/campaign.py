@@ -102,7 +102,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import start_stores, stop_group  # noqa: E402
+from bench._common import log_tail, start_stores, stop_group  # noqa: E402
 from cli.embedded import free_port, wait_for_port  # noqa: E402
 from simulator import campaigns  # noqa: E402
 from simulator.conditional_driver import conditional_spec, optimove_time  # noqa: E402
@@ -158,10 +158,7 @@ class Group:
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def check(self) -> None:
         """Raise with the log's tail if the process has exited."""

@@ -86,7 +86,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import start_stores, stop_group  # noqa: E402
+from bench._common import log_tail, start_stores, stop_group  # noqa: E402
 from cli.embedded import free_port, wait_for_port  # noqa: E402
 
 PATH = "/optimove/events"
@@ -306,10 +306,7 @@ class Server:
             raise RuntimeError(f"{exc}\n--- {self.log_path} (tail) ---\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM the whole group, SIGKILL what is left after gunicorn's graceful timeout."""
@@ -505,10 +502,7 @@ class RelayUp:
         return self
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def check(self) -> None:
         if self.proc.poll() is not None:

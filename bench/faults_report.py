@@ -29,8 +29,30 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip()
 
 
+def _count(props: dict, key: str, outcome: str) -> str:
+    """A measured count when the test recorded one; else what its passing asserts (0), or ? when it failed."""
+    ok = outcome == "passed"
+    if key in props:
+        return str(props[key])
+    return "0 (asserted)" if ok else "—" if outcome == "skipped" else "?"
+
+
+def _recovery(props: dict) -> str:
+    value = props.get("recovery_s")
+    return "—" if value is None else f"{float(value):.1f} s"
+
+
+def _name(nodeid: str) -> str:
+    return nodeid.split("::", 1)[1]
+
+
 def render(rows: list[dict], seconds: float, command: str) -> str:
     passed = sum(r["outcome"] == "passed" for r in rows)
+    props = [r.get("properties") or {} for r in rows]
+    lost = sum(int(p.get("lost", 0)) for p in props)
+    duplicates = sum(int(p.get("duplicates", 0)) for p in props)
+    measured = sum("lost" in p and "duplicates" in p for p in props)
+    recoveries = [float(p["recovery_s"]) for p in props if p.get("recovery_s") is not None]
     lines = [
         "# Fault and abuse suite",
         "",
@@ -40,17 +62,30 @@ def render(rows: list[dict], seconds: float, command: str) -> str:
         "Each test starts its own processes (and its own Redis or Postgres where it kills or restarts "
         "one) and ends by asserting the invariants: every expected grant or send made exactly once at "
         "the fake peer, every acknowledged notification processed, `campaign_runs` counts equal to the "
-        "truth. A passed row therefore means **0 notifications lost and 0 duplicate grants or sends**; "
-        "the figures column is what the test measured (recovery time where it applies).",
+        "truth. **Lost** and **Duplicates** are the counts the test measured at the fake peer and in "
+        "Postgres before asserting them zero (\"0 (asserted)\" where a test asserts the invariant "
+        "without recording the count, e.g. the abuse tests, which store nothing); **Recovery** is the time "
+        "from the end of the fault (the store back, the peer healthy again, the new worker started) to "
+        "the last expected effect recorded.",
         "",
-        "| Fault | What was injected | Result | Lost | Duplicates | Figures measured | Test time |",
+        f"Totals: {lost} lost and {duplicates} duplicated over the {measured} tests that measured both; "
+        + (f"recovery {min(recoveries):.1f}–{max(recoveries):.1f} s over {len(recoveries)} tests."
+           if recoveries else "no recovery times recorded."),
+        "",
+        "| Fault | Result | Lost | Duplicates | Recovery | Figures measured | Test time |",
         "|---|---|---|---|---|---|---|",
     ]
+    for r, p in zip(rows, props):
+        lines.append(f"| `{_cell(_name(r['nodeid']))}` | {r['outcome']} | {_count(p, 'lost', r['outcome'])} | "
+                     f"{_count(p, 'duplicates', r['outcome'])} | {_recovery(p)} | {_cell(r['printed'])[:600] or '—'} | "
+                     f"{r['seconds']:.0f} s |")
+    lines += ["", "## What each test injects", ""]
+    seen: dict[str, list[str]] = {}
     for r in rows:
-        ok = r["outcome"] == "passed"
-        name = r["nodeid"].split("::", 1)[1]
-        lines.append(f"| `{_cell(name)}` | {_cell(r['doc'])[:400]} | {r['outcome']} | {'0' if ok else '?'} | "
-                     f"{'0' if ok else '?'} | {_cell(r['printed'])[:600] or '—'} | {r['seconds']:.0f} s |")
+        seen.setdefault(r["doc"], []).append(_name(r["nodeid"]).split("[", 1)[0])
+    for doc, names in seen.items():
+        unique = list(dict.fromkeys(names))
+        lines.append(f"- {', '.join(f'`{n}`' for n in unique)}: {_cell(doc) or '(no docstring)'}")
     return "\n".join(lines) + "\n"
 
 

@@ -227,7 +227,8 @@ def broker(request):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With RELAY_FAULTS_REPORT=FILE (`make faults-report`), append one JSON line per test: what it
-    injected (its docstring), its outcome, duration and the figures it printed."""
+    injected (its docstring), its outcome, duration, the figures it printed and the ones it recorded with
+    `record_property` (`recovery_s`, `lost`, `duplicates`, ...)."""
     outcome = yield
     path = os.environ.get("RELAY_FAULTS_REPORT")
     report = outcome.get_result()
@@ -238,4 +239,5 @@ def pytest_runtest_makereport(item, call):
     doc = " ".join((getattr(item.function, "__doc__", None) or item.module.__doc__ or "").split())
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"nodeid": item.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 1),
-                            "doc": doc, "printed": report.capstdout.strip()}) + "\n")
+                            "doc": doc, "printed": report.capstdout.strip(),
+                            "properties": {k: v for k, v in item.user_properties}}, default=str) + "\n")

@@ -13,21 +13,24 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 import pytest
 
 from cli.embedded import free_port
-from tests.conftest import ROOT, poll
+from tests.conftest import ADMIN_PASSWORD, ROOT, TOKEN, poll
 from tests.e2e.test_relay_up import clean_env, ready, tree
+from tests.faults.support import API_KEY, create_campaign, fire, ledger, measured_bonus, record_figures
+from tests.harness import campaign_status
 
 pytestmark = pytest.mark.e2e
 
 
-def start(data_dir, port, **popen):
+def start(data_dir, port, env=None, **popen):
     argv = [sys.executable, "-m", "cli.main", "up", "--port", str(port), "--data-dir", str(data_dir),
             "--flower-port", str(free_port())]
-    return subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL, **popen)
+    return subprocess.Popen(argv, cwd=ROOT, env={**clean_env(), **(env or {})}, stdin=subprocess.DEVNULL, **popen)
 
 
 def everything(proc, data_dir) -> dict[int, str]:
@@ -61,25 +64,55 @@ def wait_ready(port, data_dir, proc):
     assert proc.poll() is None, f"relay up exited with {proc.returncode}"
 
 
-def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(tmp_path):
+def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(tmp_path, make_simulator,
+                                                                               record_property):
+    """`relay up` SIGKILLed mid-campaign, then started again on the same folder: nothing of the first left
+    running in between, and the campaign acknowledged before the kill finishes after the restart with every
+    grant made exactly once. The fake Optimove and bonus system run in the test (OPTIMOVE_API_URL and
+    BONUS_URL set, so `relay up` attaches no simulator of its own) and outlive both `relay up`s."""
+    sim = make_simulator(rate_limit=(1000, 10.0), latency_ms=150)
+    env = {"OPTIMOVE_API_URL": sim.optimove_url, "OPTIMOVE_API_KEY": API_KEY, "OPTIMOVE_RATE_LIMIT": "1000/10s",
+           "OPTIMOVE_PAGE_SIZE": "200", "BONUS_URL": sim.bonus_url, "BONUS_MODE": "batch",
+           "BONUS_BATCH_SIZE": "200", "RELAY_LISTENER_TOKENS": TOKEN, "RELAY_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "RELAY_SWEEP_AFTER": "3", "RELAY_SWEEP_INTERVAL": "1"}
+    campaign = create_campaign(sim, 858585, customers_per_channel=3000)
+    expected = len(campaign.triples)
     data_dir, port = tmp_path / "data", free_port()
-    proc = start(data_dir, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start(data_dir, port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, data_dir, proc)
         procs = everything(proc, data_dir)
         assert sum(1 for name in procs.values() if "cli.main worker" in name) >= 5, procs
-        token = json.loads((data_dir / "up.json").read_text())["listener_url"]
+        info = json.loads((data_dir / "up.json").read_text())
+        assert "simulator" not in info  # the peers are the test's
+        fire(info["url"], campaign)
+        poll(lambda: ledger(sim)["applied"] >= expected // 5, 60, 0.1, "a fifth of the grants made")
     finally:
         proc.kill()  # SIGKILL: no handler runs in relay up
         proc.wait()
+    granted_at_kill = ledger(sim)["applied"]
+    assert granted_at_kill < expected, "the kill landed after the campaign ended; make it longer"
     # the reaper stops every group (SIGTERM, SIGKILL after 10 s) and Postgres
     poll(lambda: not left(procs), 40, 0.2, "every process of the SIGKILLed relay up gone")
 
-    again = start(data_dir, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    again = start(data_dir, port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        restarted = time.monotonic()
         wait_ready(port, data_dir, again)
-        assert json.loads((data_dir / "up.json").read_text())["listener_url"] == token  # same folder, same secrets
+        assert json.loads((data_dir / "up.json").read_text())["listener_url"] == info["listener_url"]
         procs = everything(again, data_dir)
+        status = poll(lambda: (s := campaign_status(info["url"], campaign.id)).get("status") == "done" and s, 120,
+                      0.2, f"campaign {campaign.id} done after the restart")
+        recovered = time.monotonic() - restarted
+        lost, duplicates = measured_bonus(sim, campaign)
+        record_figures(record_property, lost, duplicates, recovered)
+        summary = ledger(sim)
+        assert (lost, duplicates) == (0, 0), summary
+        assert summary["applied"] == expected and summary["rejected"] == 0
+        assert status["totals"]["granted"] == expected, status
+        print(f"\nrelay up SIGKILLed at {granted_at_kill} of {expected} granted; nothing left running; the second "
+              f"relay up finished the campaign {recovered:.1f}s after its start; bonus calls {summary['calls']}, "
+              f"items {summary['items_received']}, lost 0, duplicates 0")
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(60) == 0

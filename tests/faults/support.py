@@ -126,8 +126,12 @@ def optimove_stats(sim) -> dict:
     return requests.get(f"{sim.optimove_url}/_sim/stats", timeout=10).json()
 
 
-def assert_exact(db, sim, campaign: Campaign) -> dict:
-    """Every expected triple granted exactly once at the bonus system, and Postgres agrees to the unit."""
+def assert_exact(db, sim, campaign: Campaign, record=None, recovery_s: float | None = None) -> dict:
+    """Every expected triple granted exactly once at the bonus system, and Postgres agrees to the unit.
+    With `record` (pytest's `record_property`), the measured lost/duplicate counts and `recovery_s` go to
+    the faults report first."""
+    if record is not None:
+        record_figures(record, *measured_bonus(sim, campaign), recovery_s)
     summary = ledger(sim, full=True)
     applied = {(int(c), str(cu), str(p)) for c, cu, p in summary["triples"] if int(c) == campaign.id}
     expected = len(campaign.triples)
@@ -267,10 +271,13 @@ def send_ledger(sim, campaign_id: int | None = None) -> dict:
     return requests.get(f"{sim.send_admin_url}/_sim/ledger", params=params, timeout=30).json()
 
 
-def assert_sends_exact(db, sim, campaign: SendCampaign, notifications: int | None = None) -> dict:
+def assert_sends_exact(db, sim, campaign: SendCampaign, notifications: int | None = None, record=None,
+                       recovery_s: float | None = None) -> dict:
     """Every expected send made exactly once at the fake send service, none before its time, with the
     expected template, attributes and scheduled_time; Postgres agrees to the unit. Returns the fake's
-    counters plus the spec check (`late_seconds_future`, …)."""
+    counters plus the spec check (`late_seconds_future`, …). `record`: as in `assert_exact`."""
+    if record is not None:
+        record_figures(record, *measured_sends(sim, campaign), recovery_s)
     summary = send_ledger(sim, campaign.id)
     entries = summary.pop("entries")
     n = len(campaign.expected)
@@ -312,3 +319,31 @@ def assert_sends_exact(db, sim, campaign: SendCampaign, notifications: int | Non
     assert sum(r["sent"] for r in current) == n
     return {**summary, "late_seconds": checked["late_seconds"], "late_seconds_future": checked["late_seconds_future"],
             "retries": int(attempts) - n, "max_attempts": int(max_attempts)}
+
+
+# -- figures for bench/faults.md (`make faults-report`) -------------------------------------
+
+def measured_bonus(sim, campaign: Campaign) -> tuple[int, int]:
+    """(lost, duplicates) of a bonus campaign at the fake bonus system: expected triples never applied, and
+    grants applied more than once."""
+    summary = ledger(sim, full=True)
+    applied = {(int(c), str(cu), str(p)) for c, cu, p in summary["triples"] if int(c) == campaign.id}
+    return len(campaign.triples - applied), int(summary["duplicate_grants"])
+
+
+def measured_sends(sim, campaign: SendCampaign) -> tuple[int, int]:
+    """(lost, duplicates) of a send campaign at the fake send service."""
+    entries = send_ledger(sim, campaign.id)["entries"]
+    checked = check_sends(entries, campaign.expected, campaign.fired_at)
+    return len(checked["missing"]), int(checked["duplicates"])
+
+
+def record_figures(record_property, lost: int, duplicates: int, recovery_s: float | None = None, **figures) -> None:
+    """Record what the report tabulates (`pytest`'s `record_property`): measured before the invariants are
+    asserted, so a failing run shows the counts it found."""
+    record_property("lost", int(lost))
+    record_property("duplicates", int(duplicates))
+    if recovery_s is not None:
+        record_property("recovery_s", round(float(recovery_s), 1))
+    for key, value in figures.items():
+        record_property(key, value)

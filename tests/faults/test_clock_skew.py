@@ -17,6 +17,7 @@ from simulator.conditional_driver import run_conditional
 from simulator.send_driver import run_send_campaign
 from tests.conftest import ADMIN_PASSWORD, TOKEN, count
 from tests.e2e.test_scheduled_send import ATTRIBUTES, SEND_CHANNEL, channel_config
+from tests.faults.support import record_figures
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -33,7 +34,8 @@ def skewed(env: dict[str, str], seconds: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("skew", [180, -180], ids=["3min_fast", "3min_slow"])
-def test_skewed_workers_keep_deadlines_and_send_times(skew, procs, simulator, database_url, redis_url, db, tmp_path):
+def test_skewed_workers_keep_deadlines_and_send_times(skew, procs, simulator, database_url, redis_url, db, tmp_path,
+                                                      record_property):
     env = relay_env(database_url, redis_url, OPTIMOVE_API_URL=simulator.optimove_url,
                     OPTIMOVE_API_KEY="sim-api-key-0123456789", OPTIMOVE_RATE_LIMIT="50/10s",
                     BONUS_URL=simulator.bonus_url, BONUS_REVOKE_URL=simulator.bonus_revoke_url,
@@ -58,6 +60,8 @@ def test_skewed_workers_keep_deadlines_and_send_times(skew, procs, simulator, da
         ("admin", ADMIN_PASSWORD), channels=(SEND_CHANNEL,), customers_per_channel=300, templates=(14, 15, 16),
         attributes=ATTRIBUTES, spread=20, due_now_fraction=0.5, start=time.time(), attribute_form="mixed",
         campaign_id=campaign_id + 1, timeout=60)
+    record_figures(record_property, conditional["unreported"] + sends["expected_sends"] - sends["sent"],
+                   conditional["duplicate_grants"] + sends["duplicates"])
     assert sends["ok"], sends
     assert sends["sent"] == sends["expected_sends"] == 300
     assert sends["early"] == 0 and sends["duplicates"] == 0

@@ -21,7 +21,8 @@ LIMIT, WINDOW = 50, 10.0
 PAGE_SIZE = 50
 
 
-def test_four_workers_share_the_optimove_rate_limit(procs, make_simulator, redis_url, database_url, db):
+def test_four_workers_share_the_optimove_rate_limit(procs, make_simulator, redis_url, database_url, db,
+                                                    record_property):
     sim = make_simulator(rate_limit=(LIMIT, WINDOW))
     env = relay_env(database_url, redis_url, OPTIMOVE_API_URL=sim.optimove_url, OPTIMOVE_API_KEY=API_KEY,
                     OPTIMOVE_RATE_LIMIT=f"{LIMIT}/{WINDOW:g}s", OPTIMOVE_PAGE_SIZE=PAGE_SIZE,
@@ -38,7 +39,7 @@ def test_four_workers_share_the_optimove_rate_limit(procs, make_simulator, redis
     fire(base, campaign)
     wait_done(db, campaign, 90)
     elapsed = time.monotonic() - started
-    assert_exact(db, sim, campaign)
+    assert_exact(db, sim, campaign, record_property)
 
     stats = optimove_stats(sim)
     span = (datetime.fromisoformat(stats["last_at"]) - datetime.fromisoformat(stats["first_at"])).total_seconds()

@@ -18,7 +18,7 @@ from cli.supervisor import REALTIME_POOL
 from shared import dispatch
 from simulator.realtime import run_realtime
 from tests.conftest import TOKEN, count, poll
-from tests.faults.support import API_KEY, start_web
+from tests.faults.support import API_KEY, record_figures, start_web
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -30,7 +30,7 @@ RATE, DURATION = 10.0, 5.0
 
 @pytest.mark.parametrize("role", ["bonus", "send"])
 def test_peer_down_20s_during_a_realtime_burst(role, procs, make_simulator, private_redis, database_url, db,
-                                               tmp_path):
+                                               tmp_path, record_property):
     sim = make_simulator(rate_limit=(1000, 10.0))
     channels = tmp_path / "channels.json"
     channels.write_text(json.dumps({"channels": {str(CHANNELS["bonus"]): {"role": "bonus", "events": [11]},
@@ -55,19 +55,25 @@ def test_peer_down_20s_during_a_realtime_burst(role, procs, make_simulator, priv
     time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage lasts 20 s in all
     refused = peer.summary()["faults_injected"]["failure"]
     peer.configure({"failure_rate": 0.0})
+    back = time.monotonic()
     driver.join(240)
     assert not driver.is_alive(), "the driver did not finish"
+    table = "grants" if role == "bonus" else "sends"
+    poll(lambda: count(db, f"SELECT count(*) FROM {table} WHERE status = 'claimed'") == 0, 30,
+         message="every ledger row settled")
+    recovered = time.monotonic() - back
+    record_figures(record_property, summary.get("lost", -1), summary.get("duplicate_effects", -1), recovered)
 
     expected = int(RATE * DURATION)
     assert summary["accepted"] == expected and summary["errors"] == {}, summary
     assert summary["lost"] == 0 and summary["duplicate_effects"] == 0 and summary["ok"], summary
     assert refused > expected, "the peer was not really down during the burst"
-    table, done = ("grants", "granted") if role == "bonus" else ("sends", "sent")
-    poll(lambda: count(db, f"SELECT count(*) FROM {table} WHERE status = 'claimed'") == 0, 30,
-         message="every ledger row settled")
+    done = "granted" if role == "bonus" else "sent"
     assert count(db, f"SELECT count(*) FROM {table} WHERE status <> %s", done) == 0
     assert count(db, f"SELECT count(*) FROM {table}") == summary["expected_effects"]
     assert count(db, "SELECT count(*) FROM notifications WHERE status = 'done'") == expected
     assert count(db, "SELECT count(*) FROM notifications") == expected
     ledger = peer.summary()
     assert ledger["applied"] == summary["expected_effects"]
+    print(f"\n{role}: peer down {OUTAGE_S:.0f} s ({refused} calls refused) during {expected} triggers; every "
+          f"effect made {recovered:.1f}s after it came back; applied {ledger['applied']}, lost 0, duplicates 0")

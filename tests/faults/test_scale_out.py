@@ -22,7 +22,7 @@ MACHINES = ("machine-a", "machine-b", "machine-c")
 
 
 def test_three_worker_machines_one_killed_mid_campaign(procs, make_simulator, private_redis, database_url, db,
-                                                       tmp_path):
+                                                       tmp_path, record_property):
     sim = make_simulator(rate_limit=(LIMIT, WINDOW), latency_ms=100)
     env = relay_env(database_url, private_redis, OPTIMOVE_API_URL=sim.optimove_url, OPTIMOVE_API_KEY=API_KEY,
                     OPTIMOVE_RATE_LIMIT=f"{LIMIT}/{WINDOW:g}s", OPTIMOVE_PAGE_SIZE=50, BONUS_URL=sim.bonus_url,
@@ -40,10 +40,10 @@ def test_three_worker_machines_one_killed_mid_campaign(procs, make_simulator, pr
     poll(lambda: count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id) >= expected // 3,
          60, message="a third of the grants claimed")
     procs.kill("machine-b")  # the whole machine: worker and pool children at once
-    at_kill = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id)
+    at_kill, killed = count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", campaign.id), time.monotonic()
     assert at_kill < expected, "the kill landed after every page was claimed; make the campaign longer"
     wait_done(db, campaign, 120)
-    summary = assert_exact(db, sim, campaign)
+    summary = assert_exact(db, sim, campaign, record_property, time.monotonic() - killed)
     stats = optimove_stats(sim)
     logs = {machine: (tmp_path / f"{machine}.log").read_text(errors="replace") for machine in MACHINES}
     worked = {machine: log.count("succeeded") for machine, log in logs.items()}

@@ -31,7 +31,7 @@ def _env(database_url, redis_url, sim, mode="batch", **extra):
 
 
 def test_worker_sigkilled_mid_run_resumes_exactly(broker, procs, make_simulator, private_redis, database_url, db,
-                                                  tmp_path):
+                                                  tmp_path, record_property):
     """SIGKILL the only worker (and its pool) while pages and grant batches are in flight; once per broker.
 
     Redis: its unacked messages stay invisible for the visibility timeout (and kombu only sweeps them
@@ -68,15 +68,19 @@ def test_worker_sigkilled_mid_run_resumes_exactly(broker, procs, make_simulator,
     assert claimed_at_kill < expected, "the kill landed after every page was claimed; make the run longer"
     assert any(r["status"] == "running" for r in runs(db, campaign.id))
 
+    replaced = time.monotonic()
     procs.worker(env, name="worker2")
     wait_done(db, campaign, 60)
-    summary = assert_exact(db, sim, campaign)
-    print(f"\nkill with {in_flight} task(s) in flight, {expected} expected: claimed {claimed_at_kill}, granted {granted_at_kill} at kill; "
+    recovered = time.monotonic() - replaced
+    summary = assert_exact(db, sim, campaign, record_property, recovered)
+    print(f"\nkill with {in_flight} task(s) in flight, {expected} expected: claimed {claimed_at_kill}, granted "
+          f"{granted_at_kill} at kill; done {recovered:.1f}s after the next worker started; "
           f"bonus calls {summary['calls']}, items sent {summary['items_received']}; "
           f"{time.monotonic() - started:.1f}s")
 
 
-def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_url, database_url, db):
+def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_url, database_url, db,
+                                                  record_property):
     """15 % of calls answer 503 and 15 % hang past the relay's 1 s timeout; every grant still lands once."""
     sim = make_simulator(rate_limit=FAST_LIMIT, failure_rate=0.15, timeout_rate=0.15, timeout_sleep_s=3)
     env = _env(database_url, redis_url, sim, OPTIMOVE_PAGE_SIZE=300, BONUS_BATCH_SIZE=100,
@@ -88,7 +92,7 @@ def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_u
     started = time.monotonic()
     fire(base, campaign)
     wait_done(db, campaign, 60)
-    summary = assert_exact(db, sim, campaign)
+    summary = assert_exact(db, sim, campaign, record_property)
     assert summary["faults_injected"]["failure"] > 0 and summary["faults_injected"]["timeout"] > 0, summary
     print(f"\nbonus faults {summary['faults_injected']} over {summary['calls']} calls; "
           f"{time.monotonic() - started:.1f}s")
@@ -96,7 +100,7 @@ def test_bonus_system_failing_30_percent_of_calls(procs, make_simulator, redis_u
 
 @pytest.mark.parametrize("mode", ["batch", "single"])
 def test_grant_applied_then_connection_dropped(mode, procs, make_simulator, redis_url, database_url, db,
-                                              tmp_path):
+                                              tmp_path, record_property):
     """30 % of calls are applied and then the connection closes with no reply; the retry must not grant twice.
 
     In single mode some grant is dropped five or six times in a row, and capped exponential backoff
@@ -115,14 +119,14 @@ def test_grant_applied_then_connection_dropped(mode, procs, make_simulator, redi
     started = time.monotonic()
     fire(base, campaign)
     wait_done(db, campaign, 60)
-    summary = assert_exact(db, sim, campaign)
+    summary = assert_exact(db, sim, campaign, record_property)
     assert summary["faults_injected"]["drop"] > 0, summary
     assert summary["items_received"] > summary["applied"], summary
     print(f"\n{mode}: {summary['faults_injected']['drop']} dropped replies over {summary['calls']} calls; "
           f"{time.monotonic() - started:.1f}s")
 
 
-def test_optimove_429_bursts(procs, make_simulator, redis_url, database_url, db):
+def test_optimove_429_bursts(procs, make_simulator, redis_url, database_url, db, record_property):
     """After every 5 accepted calls the fake Optimove answers 429 three times; paging backs off and completes."""
     sim = make_simulator(rate_limit=FAST_LIMIT)
     response = requests.post(f"{sim.optimove_url}/_sim/faults", json={"burst_429": {"every": 5, "length": 3}},
@@ -138,7 +142,7 @@ def test_optimove_429_bursts(procs, make_simulator, redis_url, database_url, db)
     started = time.monotonic()
     fire(base, campaign)
     wait_done(db, campaign, 90)
-    assert_exact(db, sim, campaign)
+    assert_exact(db, sim, campaign, record_property)
     stats = optimove_stats(sim)
     assert stats["throttled"] > 0, stats
     assert stats["requests_by_function"] == {PAGES_FUNCTION: campaign.pages(page_size)}, stats

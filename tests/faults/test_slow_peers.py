@@ -22,7 +22,8 @@ def _env(database_url, redis_url, sim, **extra):
                      OPTIMOVE_RATE_LIMIT="100/1s", BONUS_URL=sim.bonus_url, BONUS_MODE="batch", **extra)
 
 
-def test_bonus_system_2s_per_call_and_a_6s_burst_of_failures(procs, make_simulator, redis_url, database_url, db):
+def test_bonus_system_2s_per_call_and_a_6s_burst_of_failures(procs, make_simulator, redis_url, database_url, db,
+                                                             record_property):
     """Every bonus call takes 2 s; 6 s into the campaign every call fails (503) for 6 s, then recovers."""
     sim = make_simulator(rate_limit=(1000, 10.0), latency_ms=2000)
     env = _env(database_url, redis_url, sim, OPTIMOVE_PAGE_SIZE=200, BONUS_BATCH_SIZE=100, BONUS_TIMEOUT=5)
@@ -45,7 +46,7 @@ def test_bonus_system_2s_per_call_and_a_6s_burst_of_failures(procs, make_simulat
     assert requests.post(config, json={"failure_rate": 0.0}, timeout=10).status_code == 200
     ended = time.monotonic()
     wait_done(db, campaign, 120)
-    summary = assert_exact(db, sim, campaign)
+    summary = assert_exact(db, sim, campaign, record_property, time.monotonic() - ended)
     print(f"\n2 s per bonus call, every call failing for {ended - burst_started:.0f} s at {granted_at_burst} of "
           f"{expected} granted; done {time.monotonic() - ended:.1f}s after the burst; calls {summary['calls']}, "
           f"items {summary['items_received']}, faults {summary['faults_injected']}; "
@@ -53,7 +54,7 @@ def test_bonus_system_2s_per_call_and_a_6s_burst_of_failures(procs, make_simulat
     assert summary["faults_injected"]["failure"] > 0, summary
 
 
-def test_optimove_429_and_500_in_bursts(procs, make_simulator, redis_url, database_url, db):
+def test_optimove_429_and_500_in_bursts(procs, make_simulator, redis_url, database_url, db, record_property):
     """After every 4 accepted calls Optimove answers 429 twice, and 30 % of customer-list calls answer 500."""
     sim = make_simulator(rate_limit=(1000, 10.0))
     response = requests.post(f"{sim.optimove_url}/_sim/faults",
@@ -69,7 +70,7 @@ def test_optimove_429_and_500_in_bursts(procs, make_simulator, redis_url, databa
     started = time.monotonic()
     fire(base, campaign)
     wait_done(db, campaign, 120)
-    summary = assert_exact(db, sim, campaign)
+    summary = assert_exact(db, sim, campaign, record_property)
     stats = optimove_stats(sim)
     print(f"\nOptimove: {stats['throttled']} answered 429, {stats['injected_errors']} answered 500, "
           f"{stats['accepted']} accepted; bonus calls {summary['calls']}; {time.monotonic() - started:.1f}s")

@@ -50,7 +50,8 @@ def _claimed(db, campaign) -> int:
 
 
 @pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no_persistence"])
-def test_redis_killed_and_restarted_mid_campaign(appendonly, procs, make_simulator, database_url, db, tmp_path):
+def test_redis_killed_and_restarted_mid_campaign(appendonly, procs, make_simulator, database_url, db, tmp_path,
+                                                record_property):
     sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=150)
     port = free_port()
     server = EmbeddedRedis(tmp_path / "redis", port=port, appendonly=appendonly)
@@ -72,7 +73,7 @@ def test_redis_killed_and_restarted_mid_campaign(appendonly, procs, make_simulat
         restarted = time.monotonic()
         wait_done(db, campaign, 120)
         recovered = time.monotonic() - restarted
-        summary = assert_exact(db, sim, campaign)
+        summary = assert_exact(db, sim, campaign, record_property, recovered)
         print(f"\nRedis ({'AOF' if appendonly else 'no persistence'}) SIGKILLed at {claimed_at_kill} of "
               f"{expected} claimed, back after 3 s; done {recovered:.1f}s after the restart; bonus calls "
               f"{summary['calls']}, items {summary['items_received']}; {time.monotonic() - started:.1f}s in all")
@@ -80,7 +81,7 @@ def test_redis_killed_and_restarted_mid_campaign(appendonly, procs, make_simulat
         server.stop()
 
 
-def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path):
+def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path, record_property):
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     upgrade(url)
@@ -109,9 +110,10 @@ def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path
         claimed_at_restart = _claimed(db, campaign)
         assert claimed_at_restart < expected, "the restart landed after every page was claimed"
         wait_done(db, campaign, 120)
-        summary = assert_exact(db, sim, campaign)
+        recovered = time.monotonic() - restarted
+        summary = assert_exact(db, sim, campaign, record_property, recovered)
         print(f"\nPostgres restarted at {claimed_at_restart} of {expected} claimed; done "
-              f"{time.monotonic() - restarted:.1f}s later; bonus calls {summary['calls']}, items "
+              f"{recovered:.1f}s later; bonus calls {summary['calls']}, items "
               f"{summary['items_received']}; {time.monotonic() - started:.1f}s in all")
     finally:
         db.close()
@@ -119,7 +121,8 @@ def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path
         pg.stop()
 
 
-def test_worker_sigterm_mid_run_like_a_deploy(procs, make_simulator, redis_url, database_url, db, tmp_path):
+def test_worker_sigterm_mid_run_like_a_deploy(procs, make_simulator, redis_url, database_url, db, tmp_path,
+                                             record_property):
     """A warm shutdown: running tasks finish (or go back to the queue), the next worker takes the rest."""
     sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=300)
     env = _env(database_url, redis_url, sim)
@@ -134,14 +137,17 @@ def test_worker_sigterm_mid_run_like_a_deploy(procs, make_simulator, redis_url, 
     worker.wait(60)  # Celery's warm shutdown waits for the tasks it runs
     stopped_at = _claimed(db, campaign)
     assert stopped_at < expected and any(r["status"] == "running" for r in runs(db, campaign.id))
+    replaced = time.monotonic()
     procs.worker(env, name="worker2")
     wait_done(db, campaign, 90)
-    summary = assert_exact(db, sim, campaign)
-    print(f"\nSIGTERM at {stopped_at} of {expected} claimed (worker exited {worker.returncode}); bonus calls "
+    recovered = time.monotonic() - replaced
+    summary = assert_exact(db, sim, campaign, record_property, recovered)
+    print(f"\nSIGTERM at {stopped_at} of {expected} claimed (worker exited {worker.returncode}); done "
+          f"{recovered:.1f}s after the next worker started; bonus calls "
           f"{summary['calls']}, items {summary['items_received']}; {time.monotonic() - started:.1f}s in all")
 
 
-def test_pool_child_sigkilled_mid_task(procs, make_simulator, redis_url, database_url, db, tmp_path):
+def test_pool_child_sigkilled_mid_task(procs, make_simulator, redis_url, database_url, db, tmp_path, record_property):
     """One prefork pool child SIGKILLed while it runs a task (the worker's main process lives on)."""
     import psutil
 
@@ -156,9 +162,10 @@ def test_pool_child_sigkilled_mid_task(procs, make_simulator, redis_url, databas
     children = psutil.Process(procs.procs["worker"].pid).children()
     busy = max(children, key=lambda p: p.cpu_times().user + p.cpu_times().system)
     busy.kill()  # mid-task: Celery requeues its message (task_reject_on_worker_lost) and forks a new child
-    at_kill = _claimed(db, campaign)
+    at_kill, killed = _claimed(db, campaign), time.monotonic()
     wait_done(db, campaign, 90)
-    summary = assert_exact(db, sim, campaign)
+    recovered = time.monotonic() - killed
+    summary = assert_exact(db, sim, campaign, record_property, recovered)
     assert procs.procs["worker"].poll() is None  # the worker itself carried on
-    print(f"\npool child {busy.pid} SIGKILLed at {at_kill} of {expected} claimed; bonus calls {summary['calls']}, "
+    print(f"\npool child {busy.pid} SIGKILLed at {at_kill} of {expected} claimed; done {recovered:.1f}s later; bonus calls {summary['calls']}, "
           f"items {summary['items_received']}; {time.monotonic() - started:.1f}s in all")

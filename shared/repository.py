@@ -26,7 +26,7 @@ def insert_notification(conn, n: Notification, raw_body: str, payload: str | Non
     """Store a notification (its body as received, and as jsonb: `payload`, default the body) once per
     dedupe key; return (id, created).
 
-    `conn` is a SQLAlchemy connection or a raw DBAPI one (the listener's `raw_transaction`).
+    `conn` is a SQLAlchemy connection or a psycopg2 one (the listener's `KeptConnections`).
     """
     cur = conn.cursor() if hasattr(conn, "cursor") else _raw(conn)
     cur.execute("""

@@ -6,6 +6,7 @@ from werkzeug.routing import IntegerConverter
 
 from shared import broker
 from shared.logs import configure_for as configure_logging
+from shared.db import KeptConnections
 from shared.runtime import Runtime
 from shared.schemas import BIGINT_MAX
 from shared.settings import Settings
@@ -28,6 +29,8 @@ def create_app(settings: Settings | None = None, celery=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # no pre-ping round trip per request: the listener retries once on a stale pooled connection
     app.extensions["relay"] = Runtime(settings, pre_ping=False)
+    # the listener's insert: a connection kept per thread, no pool (it retries once on a stale one too)
+    app.extensions["listener_db"] = KeptConnections(settings.database_url)
     app.extensions["celery"] = celery or broker.create_app(settings, publisher=True)
     # the listener's one task per notification goes straight to Redis when Celery is ours and on Redis
     app.extensions["direct_publisher"] = broker.direct_publisher(settings) if celery is None else None

@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 
 from shared import dispatch, repository as repo
 from shared.broker import publish
-from shared.db import once_more_if_stale, raw_transaction
+from shared.db import once_more_if_stale
 from shared.schemas import parse_notification
 from web.context import celery, runtime
 from web.errors import ApiError
@@ -71,9 +71,9 @@ def _decode(raw: bytes) -> tuple[str, str, object]:
     return text, text, body
 
 
-def _store(engine, notification, text: str, payload: str) -> tuple[int, bool]:
-    """Insert and commit (`once_more_if_stale` retries it when the pooled connection was dead)."""
-    with raw_transaction(engine, autocommit=True) as conn:  # one statement: it commits itself
+def _store(connections, notification, text: str, payload: str) -> tuple[int, bool]:
+    """Insert and commit (`once_more_if_stale` retries it when the kept connection was dead)."""
+    with connections.autocommit() as conn:  # one statement: it commits itself
         return repo.insert_notification(conn, notification, text, payload)
 
 
@@ -91,7 +91,8 @@ def receive():
     text, payload, body = _decode(request.get_data(cache=True))
     hint = request.args.get("EventTypeID") or request.args.get("event_type")
     notification = parse_notification(body, hint)
-    notification_id, created = once_more_if_stale(_store, rt.engine, notification, text, payload)
+    notification_id, created = once_more_if_stale(_store, current_app.extensions["listener_db"], notification,
+                                                  text, payload)
     if not created:
         return jsonify({"status": "duplicate", "notification_id": notification_id}), 200
     try:

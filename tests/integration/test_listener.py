@@ -194,6 +194,28 @@ def test_postgres_unreachable_503_and_nothing_enqueued(redis_url):
     assert sum(queue_lengths(redis_url).values()) == 0
 
 
+def test_a_kept_connection_killed_under_the_listener_is_replaced_and_nothing_is_lost(settings, db, redis_url):
+    """Postgres ends the listener's kept connection (a restart, a failover, an idle timeout): the next
+    notification is stored on a new connection in the same request, not answered 503."""
+    from web.app import create_app
+
+    app = create_app(settings)
+    client = app.test_client()
+    first = client.post(URL, json=BODIES[13])
+    assert first.status_code == 202
+    with app.extensions["listener_db"].autocommit() as conn:
+        pid = conn.get_backend_pid()
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert cur.fetchone()[0]
+    second = client.post(URL, json={**BODIES[13], "CampaignID": "2222"})
+    assert second.status_code == 202, second.json
+    with app.extensions["listener_db"].autocommit() as conn:
+        assert conn.get_backend_pid() != pid
+    assert count(db, "SELECT count(*) FROM notifications") == 2
+    assert queue_lengths(redis_url)[dispatch.notification_queue(13)] == 2
+
+
 def test_readyz_names_the_store_that_is_down(database_url, redis_url, db):
     from cli.embedded import free_port
     from web.app import create_app

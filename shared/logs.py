@@ -48,15 +48,18 @@ class ContextFilter(logging.Filter):
 # --- secrets ---------------------------------------------------------------------------------
 
 REDACTED = "***"
+# (pattern, replacement, texts one of which any match contains, in lower case: most lines, e.g. the
+# access log's, hold none of them, and skipping the regular expressions saves ~40 us per line)
 _PATTERNS = (
     # a secret in a query string: ?token=..., &api_key=..., &password=...
     (re.compile(r"([?&](?:token|access_token|api[_-]?key|apikey|key|password|passwd|secret)=)[^&\s#\"']+",
-                re.IGNORECASE), r"\1" + REDACTED),
+                re.IGNORECASE), r"\1" + REDACTED, ("=",)),
     # a credential header, in text or a repr'd dict: Authorization: Bearer x, 'X-API-KEY': 'x'
     (re.compile(r"((?:proxy-)?authorization|x-api-key|api-key)([\"']?\s*[:=]\s*[\"']?)"
-                r"((?:bearer|basic|token)\s+)?[^\s\"',;}\]]+", re.IGNORECASE), r"\1\2\3" + REDACTED),
+                r"((?:bearer|basic|token)\s+)?[^\s\"',;}\]]+", re.IGNORECASE),
+     r"\1\2\3" + REDACTED, ("authorization", "api-key")),
     # a password in a URL: redis://:secret@host, postgresql://user:secret@host
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE), r"\1" + REDACTED + "@"),
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE), r"\1" + REDACTED + "@", ("://",)),
 )
 
 
@@ -71,8 +74,10 @@ class Scrubber:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        for pattern, replacement in _PATTERNS:
-            text = pattern.sub(replacement, text)
+        lower = text.lower()
+        for pattern, replacement, needs in _PATTERNS:
+            if any(n in lower for n in needs):
+                text = pattern.sub(replacement, text)
         return text
 
 

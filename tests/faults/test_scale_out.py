@@ -53,3 +53,4 @@ def test_three_worker_machines_one_killed_mid_campaign(procs, make_simulator, pr
     assert all(f"{machine}@" in logs[machine] for machine in MACHINES)  # each ran under its own node name
     assert all(worked[m] > 0 for m in MACHINES), worked  # every machine took part
     assert stats["max_in_window"] <= LIMIT, stats
+    assert stats["throttled"] == 0, stats  # the fake refuses beyond its limit: no refusal = the limit held

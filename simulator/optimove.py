@@ -6,6 +6,17 @@ case-insensitively, the function name exactly. Admin endpoints live under ``/_si
 Two clocks: ``clock`` (monotonic by default) drives the rate limit and the 2-hour availability
 of cancelled-campaign lists; ``wall_clock`` (epoch seconds) stamps UpdateCustomerPromotionStatus
 calls so a driver can compare them with a ClearanceRequiredBy deadline.
+
+Faults (``POST /_sim/faults``, ``{}`` clears them): ``burst_429`` ``{"every": N, "length": M}``
+answers M calls 429 after every N accepted ones; ``burst_500`` the same with 500 (any function,
+reports included). A burst spec may also say ``skip`` (calls let through before the first burst,
+default N; 0: the burst comes first), ``functions`` (only calls of these functions count and are
+refused) and ``per_function`` (each function counts its own calls); either may be a list of specs.
+``error_rate`` answers that fraction of customer-list calls 500. ``corrupt_row``
+``{"campaign_id": C, "row": K}`` appends a NUL character to the CustomerID of the row at position K
+of campaign C's customer lists (a corrupt export: valid JSON that no Postgres text column can
+hold). ``GET /_sim/stats`` counts them (``throttled``, ``injected_errors``, per function, and
+``last_fault_at``, the wall time of the last 429 or 500 injected).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ TOO_MANY_REQUESTS = {
     "error": "Too Many Requests",
     "message": "You have exceeded the rate limit for this API group. Please retry later.",
 }
+FAULT_NAMES = frozenset({"burst_429", "burst_500", "error_rate", "corrupt_row", "seed"})
 CHANNEL_NAMES = {502: "Call Center", 504: "Email", 505: "SMS", 506: "Push", 510: "Web Push", 511: "In-Platform"}
 
 
@@ -62,6 +74,65 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class Burst:
+    """One burst fault: after every ``every`` calls let through, the next ``length`` calls are refused.
+
+    ``skip`` calls are let through before the first burst (default ``every``; 0: it comes first);
+    ``functions`` limits it to calls of those functions; with ``per_function`` each function counts
+    its own calls. Not thread-safe: callers lock.
+    """
+
+    KEYS = frozenset({"every", "length", "skip", "functions", "per_function"})
+
+    def __init__(self, spec: dict):
+        self.every, self.length = spec["every"], spec["length"]
+        self.skip = spec.get("skip", self.every)
+        self.functions = frozenset(spec["functions"]) if spec.get("functions") is not None else None
+        self.per_function = bool(spec.get("per_function"))
+        self._state: dict[str | None, list[int]] = {}  # [calls to let through before the next burst, left in it]
+
+    @classmethod
+    def parse(cls, name: str, raw: Any) -> list["Burst"]:
+        """The bursts of a fault setting (one spec or a list of them), or BadRequest naming ``name``."""
+        specs = raw if isinstance(raw, list) else [raw]
+        for spec in specs:
+            if not (isinstance(spec, dict) and not set(spec) - cls.KEYS
+                    and _is_int(spec.get("every")) and spec["every"] > 0
+                    and _is_int(spec.get("length")) and spec["length"] >= 0
+                    and (_is_int(spec.get("skip", 0)) and spec.get("skip", 0) >= 0)
+                    and (spec.get("functions") is None or (isinstance(spec["functions"], list) and all(
+                        isinstance(f, str) for f in spec["functions"])))
+                    and isinstance(spec.get("per_function", False), bool)):
+                raise BadRequest(f"{name} must be {{\"every\": N > 0, \"length\": M >= 0}} (optional \"skip\": "
+                                 f"K >= 0, \"functions\": [names], \"per_function\": true), or a list of them")
+        return [cls(spec) for spec in specs]
+
+    def _counts(self, function: str) -> list[int] | None:
+        if self.functions is not None and function not in self.functions:
+            return None
+        key = function if self.per_function else None
+        counts = self._state.get(key)
+        if counts is None:
+            counts = self._state[key] = [self.skip, 0] if self.skip else [self.every, self.length]
+        return counts
+
+    def refuse(self, function: str) -> bool:
+        """Whether this call falls in a burst (it then counts as refused, not let through)."""
+        counts = self._counts(function)
+        if counts is None or counts[1] <= 0:
+            return False
+        counts[1] -= 1
+        return True
+
+    def let_through(self, function: str) -> None:
+        """Count a call let through; the ``every``-th arms the next burst."""
+        counts = self._counts(function)
+        if counts is not None:
+            counts[0] -= 1
+            if counts[0] <= 0:
+                counts[:] = [self.every, self.length]
+
+
 class OptimoveState:
     """Everything the fake API remembers; every public method is called under ``lock``."""
 
@@ -80,6 +151,9 @@ class OptimoveState:
         self.throttled = 0
         self.injected_errors = 0
         self.by_function: dict[str, int] = {}
+        self.throttled_by_function: dict[str, int] = {}
+        self.errors_by_function: dict[str, int] = {}
+        self.last_fault_at: float | None = None
         self.campaigns: dict[int, dict] = {}
         self.promotions: dict[str, str] = {}
         self.channel_templates: dict[int, dict[int, str]] = {}
@@ -88,51 +162,79 @@ class OptimoveState:
         self.cancellations: dict[int, dict] = {}
         self.actions_ended: dict[str, list[dict]] = {}
         self.campaign_metrics: list[list[dict]] = []
-        self._since_burst = 0
-        self._burst_left = 0
+        self._bursts: dict[str, list[Burst]] = {}
 
     def set_faults(self, faults: Any) -> None:
         """Validate and install fault settings; ``{}`` clears them."""
-        if not isinstance(faults, dict) or set(faults) - {"burst_429", "error_rate", "seed"}:
-            raise BadRequest("faults must be an object with burst_429, error_rate and/or seed")
-        burst = faults.get("burst_429")
-        if burst is not None and not (
-                isinstance(burst, dict) and _is_int(burst.get("every")) and burst["every"] > 0
-                and _is_int(burst.get("length")) and burst["length"] >= 0):
-            raise BadRequest("burst_429 must be {\"every\": N > 0, \"length\": M >= 0}")
+        if not isinstance(faults, dict) or set(faults) - FAULT_NAMES:
+            raise BadRequest(f"faults must be an object with {', '.join(sorted(FAULT_NAMES))} (any of them)")
+        bursts = {name: Burst.parse(name, faults[name]) for name in ("burst_429", "burst_500")
+                  if faults.get(name) is not None}
         rate = faults.get("error_rate", 0.0)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
             raise BadRequest("error_rate must be a number in [0, 1]")
+        corrupt = faults.get("corrupt_row")
+        if corrupt is not None and not (isinstance(corrupt, dict) and set(corrupt) <= {"campaign_id", "row"}
+                                        and _is_int(corrupt.get("campaign_id"))
+                                        and _is_int(corrupt.get("row", 0)) and corrupt.get("row", 0) >= 0):
+            raise BadRequest("corrupt_row must be {\"campaign_id\": C, \"row\": K >= 0}")
         self.faults = dict(faults)
         self.random = random.Random(faults.get("seed"))
-        self._since_burst = self._burst_left = 0
+        self._bursts = bursts
 
     def admit(self, key: str, function: str) -> bool:
         """Apply injected bursts and the sliding window; True if the call is accepted."""
-        if self._burst_left > 0:
-            self._burst_left -= 1
-            self.throttled += 1
+        bursts = self._bursts.get("burst_429", ())
+        if any([burst.refuse(function) for burst in bursts]):  # a list: every burst counts the refusal
+            self._note_throttled(function, injected=True)
             self.limiter.note_refused()
             return False
         if not self.limiter.try_acquire(key):
-            self.throttled += 1
+            self._note_throttled(function)
             return False
         self.by_function[function] = self.by_function.get(function, 0) + 1
-        burst = self.faults.get("burst_429")
-        if burst:
-            self._since_burst += 1
-            if self._since_burst >= burst["every"]:
-                self._since_burst = 0
-                self._burst_left = burst["length"]
+        for burst in bursts:
+            burst.let_through(function)
         return True
 
-    def inject_error(self) -> bool:
-        """Decide whether this customer-list call fails with a 500."""
+    def _note_throttled(self, function: str, injected: bool = False) -> None:
+        self.throttled += 1
+        self.throttled_by_function[function] = self.throttled_by_function.get(function, 0) + 1
+        if injected:
+            self.last_fault_at = self.wall_clock()
+
+    def _note_error(self, function: str) -> None:
+        self.injected_errors += 1
+        self.errors_by_function[function] = self.errors_by_function.get(function, 0) + 1
+        self.last_fault_at = self.wall_clock()
+
+    def inject_error(self, function: str = "", customer_list: bool = True) -> bool:
+        """Decide whether this accepted call fails with a 500: a ``burst_500`` (any function), or
+        ``error_rate`` (customer-list calls only)."""
+        bursts = self._bursts.get("burst_500", ())
+        if any([burst.refuse(function) for burst in bursts]):
+            self._note_error(function)
+            return True
+        for burst in bursts:
+            burst.let_through(function)
         rate = self.faults.get("error_rate", 0.0)
-        if rate and self.random.random() < rate:
-            self.injected_errors += 1
+        if customer_list and rate and self.random.random() < rate:
+            self._note_error(function)
             return True
         return False
+
+    def corrupted(self, campaign_id: int | None, skip: int, rows: list) -> list:
+        """``rows`` (a customer-list page of ``campaign_id`` starting at ``skip``) with the ``corrupt_row``
+        fault applied: a NUL character appended to that row's CustomerID."""
+        corrupt = self.faults.get("corrupt_row")
+        if not corrupt or campaign_id != corrupt["campaign_id"]:
+            return rows
+        index = corrupt.get("row", 0) - skip
+        if not 0 <= index < len(rows) or not isinstance(rows[index], dict):
+            return rows
+        rows = list(rows)
+        rows[index] = {**rows[index], "CustomerID": f"{rows[index].get('CustomerID', '')}\u0000"}
+        return rows
 
     def stats(self, since: float | None = None) -> dict:
         """Counters for ``GET /_sim/stats`` (rate-limit figures only after clock time ``since``, if given)."""
@@ -141,6 +243,9 @@ class OptimoveState:
             "throttled": self.throttled,
             "injected_errors": self.injected_errors,
             "requests_by_function": dict(self.by_function),
+            "throttled_by_function": dict(self.throttled_by_function),
+            "injected_errors_by_function": dict(self.errors_by_function),
+            "last_fault_at": self.last_fault_at,
             "campaigns": sorted(self.campaigns),
         }
 
@@ -512,11 +617,13 @@ def create_optimove_app(api_key: str, rate_limit: tuple[int, float] = (50, 10.0)
             method, handler = route
             if request.method != method:
                 return _bare("Method Not Allowed", 405)
-            if category.lower() == "customers" and state.inject_error():
+            if state.inject_error(function, customer_list=category.lower() == "customers"):
                 return _bare("An error has occurred.", 500)
         body = _read_json_body() if method == "POST" else None
         with state.lock:
             result = handler(state, body)
+            if category.lower() == "customers" and isinstance(result, list) and result:
+                result = state.corrupted(_int_param("CampaignID"), _int_param("$skip", 0), result)
         if result is None:
             return Response(status=200)
         # Plain json.dumps: Flask's provider sorts the keys of every row, a third of a page's cost.

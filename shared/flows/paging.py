@@ -3,7 +3,8 @@
 A run fetches the page at its cursor, claims the page's ledger rows and advances the cursor in
 one transaction (the run row is locked and the cursor checked), so a crash resumes at the page
 where it stopped and never claims twice. 429s wait without counting an attempt; 5xx, timeouts
-and connection errors retry with capped backoff and park the run after `OPTIMOVE_MAX_ATTEMPTS`;
+and connection errors retry with capped backoff and park the run after `OPTIMOVE_MAX_ATTEMPTS`,
+and so does a page whose claim raises (a poison page: it would otherwise be re-driven forever);
 400/401/403/404 park it at once. A paged flow only says what to fetch and what a page claims
 (`base.Pages`).
 """
@@ -79,6 +80,10 @@ def fetch_next_page(rt, run_id: int, flows: Mapping[str, Flow]) -> list[Enqueue]
         except DatabaseUnavailable as exc:  # nothing was claimed: the page is fetched again shortly
             log.warning("claiming page at %d of run %s failed (%s); retrying", skip, run_id, exc)
             return [dispatch.fetch_page(run_id, countdown=backoff(2, cap=10))]
+        except Exception as exc:  # a page that cannot be claimed (a row Postgres cannot hold): counted, then parked
+            log.exception("claiming page at %d of run %s raised", skip, run_id)
+            return _page_failed(rt, run_id, TemporaryError(f"page at {skip} cannot be claimed: "
+                                                           f"{type(exc).__name__}: {exc}"))
 
 
 def _page_failed(rt, run_id: int, exc: TemporaryError) -> list[Enqueue]:

@@ -284,14 +284,17 @@ def mark_reported(conn: Connection, run_id: int, statuses: Sequence[tuple[str, b
         {"id": run_id, "t": sum(1 for _, s in statuses if s), "f": sum(1 for _, s in statuses if not s)})
 
 
+REPORTING_STATUSES = ("running", "failed")  # a parked run still reports the statuses of what it granted
+
+
 def runs_to_report(conn: Connection, older_than_s: float, at_least: int) -> list[int]:
-    """Running runs before their deadline with unreported statuses: `at_least` of them, or one older than
-    `older_than_s`, or any once nothing of the run is left to settle."""
+    """Running (or parked) runs before their deadline with unreported statuses: `at_least` of them, or one
+    older than `older_than_s`, or any once nothing of the run is left to settle."""
     return [r[0] for r in conn.execute(sa.text("""
         SELECT r.id FROM campaign_runs r
         JOIN LATERAL (SELECT count(*) AS n, min(created_at) AS oldest FROM promotion_statuses p
                       WHERE p.run_id = r.id AND p.reported_at IS NULL) u ON u.n > 0
-        WHERE r.status = 'running' AND r.deadline IS NOT NULL AND r.deadline > now()
+        WHERE r.status IN ('running', 'failed') AND r.deadline IS NOT NULL AND r.deadline > now()
           AND (u.n >= :least OR u.oldest < now() - make_interval(secs => :age)
                OR (r.fetch_done AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.run_id = r.id AND g.status = 'claimed')))
         ORDER BY r.deadline"""), {"least": at_least, "age": older_than_s})]

@@ -10,7 +10,8 @@
    for a bonus call to finish before it (they expire instead).
 5. Each customer's outcome (true when every code was granted) is reported with
    UpdateCustomerPromotionStatus, at most 10,000 per call, as results come in; reports take the
-   next free rate-limit slot before page fetches. Unreported customers count as false.
+   next free rate-limit slot before page fetches. Unreported customers count as false, so a run
+   parked `failed` (e.g. a page it cannot claim) still reports what it granted, until the deadline.
 6. At the deadline the run ends: `done` if everything was fetched, settled and reported, else
    `deadline_missed` with its counts.
 """
@@ -89,14 +90,15 @@ def report_statuses(rt, run_id: int) -> list[Enqueue]:
         try:
             with unit_of_work(rt.engine) as conn:
                 run = repo.get_run(conn, run_id)
-                if run is None or run["status"] != "running" or run["deadline"] is None:
+                # a parked (`failed`) run still reports what it granted: unreported counts as false
+                if run is None or run["status"] not in repo.REPORTING_STATUSES or run["deadline"] is None:
                     return []
                 now = repo.database_now(conn)
                 if run["deadline"] <= now:
                     return []  # Optimove has scheduled the campaign: a late report changes nothing
                 statuses = repo.unreported_statuses(conn, run_id, runs.REPORT_CHUNK)
                 if not statuses:
-                    return runs.finish(rt, conn, run_id)
+                    return runs.finish(rt, conn, run_id) if run["status"] == "running" else []
                 rt.optimove.post("integrations", "UpdateCustomerPromotionStatus", {
                     "TimeStamp": optimove_timestamp(now, rt.settings.optimove_timezone),
                     "CampaignID": run["campaign_id"],

@@ -244,16 +244,18 @@ def test_flow1_poison_page_parks_its_run_and_the_other_campaign_is_exact(procs, 
 
 def test_flow4_poison_page_parks_its_run_before_the_deadline_and_the_other_campaign_is_exact(
         procs, make_simulator, private_redis, database_url, db, tmp_path, record_property):
-    """Flow 4: conditional campaign 880022 (300 customers) has a NUL in the CustomerID of its first row, so its
-    first page can never be claimed; conditional campaign 880021 (400 customers, every 25th rejected by the
-    bonus system) runs alongside it through the conditional driver, both with ClearanceRequiredBy 40 s away."""
+    """Flow 4: conditional campaign 880022 (300 customers) has a NUL in the CustomerID of row 150, so its second
+    page can never be claimed: its run is parked `failed`, and the 100 customers of its first page, granted,
+    are still reported true before the deadline (unreported would mean false to Optimove, though they hold
+    the bonus); conditional campaign 880021 (400 customers, every 25th rejected by the bonus system) runs
+    alongside it through the conditional driver, both with ClearanceRequiredBy 40 s away."""
     sim = make_simulator(rate_limit=(1000, 10.0))
     env = _env(database_url, private_redis, sim, BONUS_BATCH_SIZE=100)
     base = _start(procs, env, tmp_path)
     poisoned = 880022
     assert requests.post(f"{sim.optimove_url}/_sim/campaigns", json=conditional_spec(poisoned, 300),
                          timeout=10).status_code == 200
-    _corrupt(sim, poisoned, 0)
+    _corrupt(sim, poisoned, POISON_ROW)
 
     started = time.monotonic()
     now = time.time()
@@ -269,13 +271,15 @@ def test_flow4_poison_page_parks_its_run_before_the_deadline_and_the_other_campa
     [parked], parked_after = _wait_parked(db, poisoned, 1, started)
     poll(lambda: runs(db, 880021)[0]["status"] == "done", 30, message="the healthy conditional run done")
 
-    reported = requests.get(f"{sim.optimove_url}/_sim/promotion-status",
-                            params={"campaign_id": poisoned, "customers": 0}, timeout=10).json()
     granted_poisoned = _peer_applications(sim.bonus_admin_url, poisoned, tuple)
+    first_page = {str(k[1]) for k in granted_poisoned}
+    reported = poll(lambda: (r := requests.get(f"{sim.optimove_url}/_sim/promotion-status",
+                                               params={"campaign_id": poisoned}, timeout=10).json())["reported"]
+                    >= len(first_page) and r, 30, message="the parked run's grants reported")
     _record(record_property, lost, summary["duplicate_grants"], parked_after)
     margin = count(db, "SELECT EXTRACT(EPOCH FROM deadline - finished_at)::float8 FROM campaign_runs "
                        "WHERE campaign_id = %s", poisoned)
-    print(f"\nflow 4: NUL in row 0 of conditional campaign {poisoned}: its run parked {parked_after:.1f}s after the "
+    print(f"\nflow 4: NUL in row {POISON_ROW} of conditional campaign {poisoned}: its run parked {parked_after:.1f}s after the "
           f"notification, {margin:.0f}s before its deadline ({parked['last_error']!r}); granted "
           f"{len(granted_poisoned)}, reported {reported['reported']}; "
           f"campaign 880021 alongside: approved {summary['approved_before_deadline']} of "
@@ -294,10 +298,16 @@ def test_flow4_poison_page_parks_its_run_before_the_deadline_and_the_other_campa
         cur.execute("SELECT campaign_id, status, count(*) FROM notifications GROUP BY 1, 2")
         assert set(cur.fetchall()) == {(880021, "done", 1), (poisoned, "done", 1)}
     assert parked["last_error"] and f"gave up after {MAX_ATTEMPTS} attempts" in parked["last_error"], parked
-    assert "page at 0" in parked["last_error"] and "NUL" in parked["last_error"], parked
-    assert parked["fetched"] == parked["claimed"] == 0 and margin > 0, parked
-    assert not granted_poisoned and count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s", poisoned) == 0
-    assert reported["reported"] == 0 and not reported["calls"], reported  # unreported: false for Optimove
+    assert f"page at {PAGE}" in parked["last_error"] and "NUL" in parked["last_error"], parked
+    assert parked["fetched"] == PAGE and margin > 0, parked
+    # the first page: claimed, granted once each, and every one of its customers reported true in time
+    assert len(first_page) == PAGE and set(granted_poisoned.values()) == {1}, granted_poisoned
+    assert parked["claimed"] == parked["granted"] == len(granted_poisoned), parked
+    assert count(db, "SELECT count(*) FROM grants WHERE campaign_id = %s AND status = 'granted'",
+                 poisoned) == len(granted_poisoned)
+    assert reported["reported"] == reported["true"] == PAGE, {k: v for k, v in reported.items() if k != "statuses"}
+    assert set(reported["statuses"]) == first_page and all(reported["statuses"].values())
+    assert reported["calls"] and all(call["at"] <= now + 40 for call in reported["calls"])  # before the deadline
 
 
 # -- flows 5 and 2: real-time bonus and real-time send --------------------------------------

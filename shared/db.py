@@ -63,11 +63,13 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
             try:
                 yield conn
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:  # from a raw cursor (bulk SQL)
+                if _refused_statement(exc):
+                    raise
                 stale = bool(conn.connection.driver_connection.closed)
                 conn.invalidate()
                 raise DatabaseUnavailable(_first_line(exc), stale_connection=stale) from exc
     except sa.exc.DBAPIError as exc:
-        if not (isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated):
+        if not (isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated) or _refused_statement(exc.orig):
             raise
         message = str(exc.orig).strip().splitlines()[0] if exc.orig and str(exc.orig).strip() else str(exc)
         raise DatabaseUnavailable(message, stale_connection=exc.connection_invalidated) from exc
@@ -127,6 +129,14 @@ def once_more_if_stale(fn: Callable[..., T], *args) -> T:
         if not exc.stale_connection:
             raise
     return fn(*args)
+
+
+def _refused_statement(exc: BaseException | None) -> bool:
+    """An OperationalError that is about the statement, not the server: SQLSTATE class 54 (program limit
+    exceeded, e.g. "index row size exceeds maximum" for a 4,000-character customer id). Retrying it
+    as an outage would never end; it is raised as it is, so the caller's attempt bound parks the work
+    with this reason."""
+    return str(getattr(exc, "pgcode", None) or "").startswith("54")
 
 
 def _first_line(exc: BaseException) -> str:

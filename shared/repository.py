@@ -55,7 +55,7 @@ def start_notification(conn: Connection, notification_id: int) -> dict[str, Any]
 def lock_unfinished_notification(conn: Connection, notification_id: int) -> dict[str, Any] | None:
     """The notification, row-locked for this transaction, while it is unfinished (None once finished)."""
     row = conn.execute(sa.text("""
-        SELECT id, event_type, campaign_id, channel_id, payload, attempts FROM notifications
+        SELECT id, event_type, campaign_id, channel_id, payload, attempts, last_error FROM notifications
         WHERE id = :id AND status IN ('received', 'processing') FOR UPDATE"""), {"id": notification_id}).first()
     return dict(row._mapping) if row else None
 

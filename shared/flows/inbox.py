@@ -55,7 +55,9 @@ def _run_flow(rt, notification_id: int) -> Outcome | None:
             return None
         with log_context(campaign_id=row["campaign_id"]):
             if row["attempts"] > rt.settings.max_attempts:
-                reason = f"gave up after {row['attempts'] - 1} attempts"
+                # the last error a flow raised, if it raised (a worker that died in it leaves none)
+                reason = f"gave up after {row['attempts'] - 1} attempts" + (
+                    f": {row['last_error']}" if row["last_error"] else "")
                 repo.finish_notification(conn, notification_id, "failed", reason)
                 metrics.notification_finished(conn, row["event_type"], "failed")
                 log.error("notification parked: %s", reason)

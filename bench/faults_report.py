@@ -1,14 +1,16 @@
 """Regenerate `bench/faults.md`: run the fault suite and tabulate each fault with its figures.
 
-    .venv/bin/python bench/faults_report.py [--output bench/faults.md] [pytest -k expression]
+    .venv/bin/python bench/faults_report.py [--output bench/faults.md] [-k EXPR] [--from-jsonl FILE]
     make faults-report
 
 Runs `tests/faults` and the `relay up` supervisor tests (`tests/e2e/test_up_supervisor.py`,
 `tests/e2e/test_redis_outage.py`) with `RELAY_FAULTS_REPORT` set, so every test appends what it
 injected (its docstring), its outcome, its duration and the figures it printed. Every one of these
 tests ends by asserting the invariants (every expected grant or send made exactly once at the fake
-peer, every acknowledged notification processed, `campaign_runs` equal to the truth), so a passed
-row means 0 lost and 0 duplicated; a failed row shows its failure instead. Exits 1 if any failed.
+peer, every acknowledged notification processed, `campaign_runs` equal to the truth) and records the
+lost and duplicate counts it measured and its recovery time (`record_property`), which the table
+shows. Exits 1 if any failed. `--from-jsonl FILE` renders the fault-suite lines of an earlier run
+with `RELAY_FAULTS_REPORT=FILE` (a whole `make test`, say) instead of running the suite again.
 """
 from __future__ import annotations
 
@@ -93,7 +95,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(ROOT / "bench" / "faults.md"))
     parser.add_argument("-k", dest="keyword", default=None, help="only the tests matching this pytest -k expression")
+    parser.add_argument("--from-jsonl", metavar="FILE", default=None,
+                        help="render the fault-suite lines of an earlier run instead of running it (e.g. "
+                             "`RELAY_FAULTS_REPORT=FILE make test` ran everything, the fault suite included)")
     args = parser.parse_args()
+    if args.from_jsonl:
+        return _from_jsonl(Path(args.from_jsonl), Path(args.output))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "faults.jsonl"
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *SUITE]  # captured: the hook reads it
@@ -110,6 +117,22 @@ def main() -> int:
     Path(args.output).write_text(render(rows, seconds, command))
     print(f"wrote {args.output}: {sum(r['outcome'] == 'passed' for r in rows)} of {len(rows)} passed")
     return 0 if code == 0 else 1
+
+
+def _from_jsonl(source: Path, output: Path) -> int:
+    """The report from an earlier run's lines: the fault suite's tests only, test times summed."""
+    if not source.exists():
+        print(f"{source}: no such file", file=sys.stderr)
+        return 2
+    rows = [row for row in map(json.loads, source.read_text().splitlines())
+            if any(row["nodeid"].startswith(part) for part in SUITE)]
+    if not rows:
+        print(f"{source} holds no test of the fault suite ({', '.join(SUITE)}); nothing written", file=sys.stderr)
+        return 1
+    command = f"RELAY_FAULTS_REPORT=FILE make test` then `bench/faults_report.py --from-jsonl FILE"
+    output.write_text(render(rows, sum(row["seconds"] for row in rows), command))
+    print(f"wrote {output}: {sum(r['outcome'] == 'passed' for r in rows)} of {len(rows)} passed")
+    return 0 if all(r["outcome"] in ("passed", "skipped") for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -401,10 +401,11 @@ def unacked(redis_url: str, queues=dispatch.QUEUES) -> Counter:
     return Counter(message["headers"]["task"] for message, _, queue in entries if queue in queues)
 
 
-def freeze_holding_work(proc, redis_url: str, queues=dispatch.QUEUES, timeout: float = 15.0) -> tuple[Counter, int]:
-    """SIGSTOP the worker's process group until, frozen, it holds at least one unacknowledged task of `queues`
-    (each try thaws it and looks again 20 ms later); return (those tasks, tries). Frozen, it can neither ack
-    nor take anything, so what the caller SIGKILLs next is exactly that."""
+def freeze_holding_work(proc, redis_url: str, queues=dispatch.QUEUES, timeout: float = 15.0,
+                        until=bool) -> tuple[Counter, int]:
+    """SIGSTOP the worker's process group until, frozen, the unacknowledged tasks of `queues` it holds satisfy
+    `until` (default: at least one; each try thaws it and looks again 20 ms later); return (those tasks, tries).
+    Frozen, it can neither ack nor take anything, so what the caller SIGKILLs next is exactly that."""
     deadline = time.monotonic() + timeout
     tries = 0
     while True:
@@ -415,10 +416,10 @@ def freeze_holding_work(proc, redis_url: str, queues=dispatch.QUEUES, timeout: f
         except BaseException:
             os.killpg(proc.pid, signal.SIGCONT)
             raise
-        if held:
+        if until(held):
             return held, tries
         os.killpg(proc.pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, "never caught the worker holding a task"
+        assert time.monotonic() < deadline, f"never caught the worker holding the tasks wanted (last {held})"
         time.sleep(0.02)  # between two looks at a running worker (not a wait for a result)
 
 

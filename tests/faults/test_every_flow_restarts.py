@@ -24,7 +24,6 @@ no run), and for flow 4 nothing approved or granted after the deadline and nobod
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import psycopg2
@@ -34,6 +33,7 @@ from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from shared.db import upgrade
 from tests.conftest import poll
 from tests.faults.flows import FLOW_IDS, Scenario, freeze_holding_work, kill_child_mid_task, scenario
+from tests.faults.support import restart_postgres
 
 pytestmark = pytest.mark.faults
 
@@ -184,13 +184,7 @@ def test_postgres_restarted_mid_batch(flow, procs, make_simulator, private_redis
         sc.begin(base)
         _mid_run(sc, db)
         db.close()
-        # -l: the restarted server must not inherit (and hold open) this call's output pipes
-        result = subprocess.run([str(pg.bin / "pg_ctl"), "-D", str(pg.pgdata), "-l", str(pg.pgdata / "server.log"),
-                                 "-m", "fast", "-w", "restart",
-                                 "-o", f"-h 127.0.0.1 -p {pg.port} -c unix_socket_directories=''"],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, user=pg.run_as,
-                                timeout=120)
-        assert result.returncode == 0, result.stderr
+        restart_postgres(pg)
         restarted = time.monotonic()
         db = psycopg2.connect(url)
         db.autocommit = True

@@ -10,17 +10,13 @@ ScheduledTime, the right template, attributes and scheduled_time), and Postgres 
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
 import time
-from collections import Counter
 
 import pytest
-import redis
 import requests
 
 from tests.conftest import count, poll
+from tests.faults.flows import freeze_holding_work
 from tests.faults.support import (API_KEY, assert_sends_exact, create_send_campaign, fire_sends, send_channel_config,
                                   send_ledger, send_runs, send_statuses, start_web, wait_sends_done)
 from tests.harness import post_notification, relay_env
@@ -160,36 +156,6 @@ def test_redelivered_notification_sends_nothing_twice(procs, make_simulator, red
 
 # -- 2. the worker SIGKILLed mid-run --------------------------------------------------------
 
-def _unacked(redis_url: str) -> Counter:
-    """Task names of the messages a worker took and has not acknowledged (kombu's `unacked` hash)."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return Counter(json.loads(raw)[0]["headers"]["task"] for raw in client.hvals("unacked"))
-    finally:
-        client.close()
-
-
-def _freeze_with_both_in_flight(proc, redis_url: str, timeout: float = 15.0) -> tuple[Counter, int]:
-    """SIGSTOP the worker's process group until, frozen, it holds a page and a send batch unacknowledged (each
-    try thaws it with SIGCONT and looks again 20 ms later); return (its unacknowledged tasks, tries). Frozen, the
-    worker cannot ack or take anything, so what the caller then SIGKILLs is exactly this snapshot."""
-    deadline = time.monotonic() + timeout
-    tries = 0
-    while True:
-        tries += 1
-        os.killpg(proc.pid, signal.SIGSTOP)
-        try:
-            held = _unacked(redis_url)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGCONT)
-            raise
-        if held["relay.fetch_page"] and held["relay.send_batch"]:
-            return held, tries
-        os.killpg(proc.pid, signal.SIGCONT)
-        assert time.monotonic() < deadline, f"never caught a page and a send batch in flight (last {held})"
-        time.sleep(0.02)
-
-
 def test_worker_sigkilled_mid_send_run_recovers_exactly(procs, make_simulator, private_redis, database_url, db,
                                                         tmp_path, record_property):
     """SIGKILL the only worker (its process group) while pages and send batches are in flight and sends wait.
@@ -210,7 +176,9 @@ def test_worker_sigkilled_mid_send_run_recovers_exactly(procs, make_simulator, p
 
     poll(lambda: count(db, "SELECT count(*) FROM sends WHERE campaign_id = %s", campaign.id) >= n // 4, 40,
          message="a quarter of the sends claimed")
-    in_flight, freezes = _freeze_with_both_in_flight(procs.procs["worker"], private_redis)
+    # frozen holding a page and a send batch unacknowledged: what the SIGKILL then loses is exactly that
+    in_flight, freezes = freeze_holding_work(procs.procs["worker"], private_redis,
+                                             until=lambda held: held["relay.fetch_page"] and held["relay.send_batch"])
     procs.kill("worker")
     at_kill = _statuses(db, campaign)
     runs_at_kill = send_runs(db, campaign.id)

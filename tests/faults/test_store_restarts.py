@@ -14,7 +14,6 @@ exactly once at the fake bonus system, every acknowledged notification processed
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import psycopg2
@@ -23,7 +22,8 @@ import pytest
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from shared.db import upgrade
 from tests.conftest import count, poll
-from tests.faults.support import API_KEY, assert_exact, create_campaign, fire, runs, start_web, wait_done
+from tests.faults.support import (API_KEY, assert_exact, create_campaign, fire, restart_postgres, runs, start_web,
+                                  wait_done)
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -97,13 +97,7 @@ def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path
         fire(base, campaign)
         poll(lambda: _claimed(db, campaign) >= expected // 4, 40, message="a quarter of the grants claimed")
         db.close()
-        # -l: the restarted server must not inherit (and hold open) this call's output pipes
-        result = subprocess.run([str(pg.bin / "pg_ctl"), "-D", str(pg.pgdata), "-l", str(pg.pgdata / "server.log"),
-                                 "-m", "fast", "-w", "restart",
-                                 "-o", f"-h 127.0.0.1 -p {pg.port} -c unix_socket_directories=''"],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, user=pg.run_as,
-                                timeout=120)
-        assert result.returncode == 0, result.stderr
+        restart_postgres(pg)
         restarted = time.monotonic()
         db = psycopg2.connect(url)
         db.autocommit = True

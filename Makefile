@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)            ## install and run the relay (embedded Postgres/Redis and simulator unless configured)
 	$(BIN)/relay up
 
-test: $(STAMP)           ## install and run the whole test suite
-	$(BIN)/pytest -q -p no:cacheprovider
+# two pytest workers (xdist): most tests wait on processes, peers and outages, not on a CPU
+TEST_WORKERS ?= 2
+
+test: $(STAMP)           ## install and run the whole test suite (TEST_WORKERS=1: one process)
+	$(BIN)/pytest -q -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist load)
 
 test-fast: $(STAMP)      ## unit tests only
 	$(BIN)/pytest -q tests/unit

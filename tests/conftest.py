@@ -72,12 +72,24 @@ def pg_server(embedded_dir):
     pg.stop()
 
 
+def _per_worker_db(url: str) -> str:
+    """`url` for this pytest process: under xdist (`make test` runs two workers) worker N uses the
+    database N above the one given, so the workers never flush each other's keys."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    base, _, db = url.rstrip("/").rpartition("/")
+    if not db.isdigit() or "://" not in base:
+        base, db = url.rstrip("/"), "0"
+    return f"{base}/{(int(db) + int(worker[2:])) % 16}"
+
+
 @pytest.fixture(scope="session")
 def redis_server(embedded_dir):
     """URL of a Redis database for the tests (shared server db 15, or embedded)."""
     url = os.environ.get("TEST_REDIS_URL")
     if url:
-        yield url
+        yield _per_worker_db(url)
         return
     from cli.embedded import EmbeddedRedis
 
@@ -237,7 +249,12 @@ def pytest_runtest_makereport(item, call):
     import json
 
     doc = " ".join((getattr(item.function, "__doc__", None) or item.module.__doc__ or "").split())
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"nodeid": item.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 1),
-                            "doc": doc, "printed": report.capstdout.strip(),
-                            "properties": {k: v for k, v in item.user_properties}}, default=str) + "\n")
+    line = json.dumps({"nodeid": item.nodeid, "outcome": report.outcome, "seconds": round(report.duration, 1),
+                       "doc": doc, "printed": report.capstdout.strip(),
+                       "properties": {k: v for k, v in item.user_properties}}, default=str) + "\n"
+    # one write(2) per line in append mode: the lines of parallel pytest workers (xdist) never interleave
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)

@@ -41,8 +41,8 @@ def everything(proc, data_dir) -> dict[int, str]:
         procs[p.pid] = "postgres " + p.name()
     redis_pid = int((data_dir / "redis" / "redis.pid").read_text())
     procs[redis_pid] = "redis"
-    for p in psutil.process_iter(["cmdline"]):
-        if "cli.reaper" in " ".join(p.info["cmdline"] or []):
+    for p in psutil.process_iter(["cmdline", "ppid"]):  # this relay up's reaper (not another test's)
+        if "cli.reaper" in " ".join(p.info["cmdline"] or []) and p.info["ppid"] == proc.pid:
             procs[p.pid] = "reaper"
     return procs
 

@@ -20,7 +20,7 @@ run: $(STAMP)            ## install and run the relay (embedded Postgres/Redis a
 TEST_WORKERS ?= 2
 
 test: $(STAMP)           ## install and run the whole test suite (TEST_WORKERS=1: one process)
-	$(BIN)/pytest -q -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist load)
+	$(BIN)/pytest -q -p no:cacheprovider $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 test-fast: $(STAMP)      ## unit tests only
 	$(BIN)/pytest -q tests/unit

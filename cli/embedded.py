@@ -88,14 +88,25 @@ class EmbeddedPostgres:
             self._run("initdb", "-D", str(self.pgdata), "--auth=trust", "--encoding=utf8", "-U", "postgres")
         if self.running():
             self.stop()
-        if self.port is None:
+        chosen = self.port is None
+        if chosen:
             saved = int(self.port_file.read_text()) if self.port_file.exists() else None
             self.port = free_port(saved or 54329)
-        self.port_file.write_text(str(self.port))
         log_file = self.pgdata / "server.log"
-        self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60", "-o",
-                  f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c max_connections=200 "
-                  f"-c fsync=on -c shared_buffers=128MB -c wal_writer_delay=10ms -c max_wal_size=4GB", "start", timeout=90)
+        for attempt in range(3):
+            self.port_file.write_text(str(self.port))
+            try:
+                self._run("pg_ctl", "-D", str(self.pgdata), "-l", str(log_file), "-w", "-t", "60", "-o",
+                          f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' -c max_connections=200 "
+                          f"-c fsync=on -c shared_buffers=128MB -c wal_writer_delay=10ms -c max_wal_size=4GB", "start",
+                          timeout=90)
+                break
+            except subprocess.CalledProcessError:
+                # a port chosen here was taken between the check and the bind (another server starting at the
+                # same moment): take another; a port the caller named, or any other failure, is raised
+                if not chosen or attempt == 2 or free_port(self.port) == self.port:
+                    raise
+                self.port = free_port()
         self._ensure_database()
         return self.url
 
@@ -186,18 +197,47 @@ class EmbeddedRedis:
         """Start the server (stopping a stale one of a crashed run on this folder) and return its URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
-        if self.port is None:
+        chosen = self.port is None
+        if chosen:
             saved = int(self.port_file.read_text()) if self.port_file.exists() else None
             self.port = free_port(saved or 63799)
-        self.port_file.write_text(str(self.port))
-        args = [self.executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no",
-                "--logfile", str(self.dir / "redis.log"), "--pidfile", str(self.dir / "redis.pid")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for_port(self.port, 30, self.proc)
+        for attempt in range(3):
+            self.port_file.write_text(str(self.port))
+            args = [self.executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                    "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+                    "--save", "", "--maxmemory-policy", "noeviction", "--daemonize", "no",
+                    "--logfile", str(self.dir / "redis.log"), "--pidfile", str(self.dir / "redis.pid")]
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+            if self._serving(30):
+                return self.url
+            # a port chosen here was taken between the check and the bind (another server starting at the same
+            # moment): take another; a port the caller named is an error
+            if not chosen or attempt == 2:
+                raise RuntimeError(f"redis-server could not listen on 127.0.0.1:{self.port} (exit code "
+                                   f"{self.proc.returncode}; see {self.dir / 'redis.log'})")
+            self.port = free_port()
         return self.url
+
+    def _serving(self, timeout: float) -> bool:
+        """Until this server answers on its port (True), or exits (False): a reply from another process on
+        the port does not count."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                if int(client.info("server")["process_id"]) == self.proc.pid:
+                    return True
+            except (redis.RedisError, OSError, KeyError, ValueError):
+                pass
+            finally:
+                client.close()
+            time.sleep(0.05)
+        raise TimeoutError(f"redis-server did not listen on 127.0.0.1:{self.port} within {timeout:.0f}s")
 
     @property
     def url(self) -> str:

@@ -16,7 +16,8 @@ import requests
 from cli.embedded import free_port
 from tests.conftest import ROOT, poll
 
-pytestmark = pytest.mark.e2e
+# `relay up` runs one at a time (under xdist all of them on one worker): each starts a whole stack
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("relay_up")]
 
 
 def clean_env() -> dict[str, str]:

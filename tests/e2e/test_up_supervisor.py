@@ -24,7 +24,8 @@ from tests.e2e.test_relay_up import clean_env, ready, tree
 from tests.faults.support import API_KEY, create_campaign, fire, ledger, measured_bonus, record_figures
 from tests.harness import campaign_status
 
-pytestmark = pytest.mark.e2e
+# `relay up` runs one at a time (under xdist all of them on one worker): each starts a whole stack
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("relay_up")]
 
 
 def start(data_dir, port, env=None, **popen):
@@ -35,7 +36,12 @@ def start(data_dir, port, env=None, **popen):
 
 def everything(proc, data_dir) -> dict[int, str]:
     """Every process `relay up` runs: its tree, the reaper, the embedded Postgres and Redis."""
-    procs = {p.pid: " ".join(p.cmdline())[:120] for p in tree(proc.pid)[1:]}
+    procs = {}
+    for p in tree(proc.pid)[1:]:
+        try:
+            procs[p.pid] = " ".join(p.cmdline())[:120]
+        except psutil.Error:  # a child that just exited (a zombie until reaped): nothing left to stop
+            pass
     pg_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
     for p in [psutil.Process(pg_pid), *psutil.Process(pg_pid).children()]:
         procs[p.pid] = "postgres " + p.name()
@@ -81,8 +87,10 @@ def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(t
     proc = start(data_dir, port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, data_dir, proc)
-        procs = everything(proc, data_dir)
-        assert sum(1 for name in procs.values() if "cli.main worker" in name) >= 5, procs
+        # the workers may still be starting when web answers (a loaded machine): wait for all five
+        procs = poll(lambda: (found := everything(proc, data_dir)) if sum(
+            1 for name in found.values() if "cli.main worker" in name) >= 5 else None, 60, 0.2,
+            "the campaign worker and the four real-time workers running")
         info = json.loads((data_dir / "up.json").read_text())
         assert "simulator" not in info  # the peers are the test's
         fire(info["url"], campaign)

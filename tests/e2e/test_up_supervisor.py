@@ -43,8 +43,12 @@ def everything(proc, data_dir) -> dict[int, str]:
         except psutil.Error:  # a child that just exited (a zombie until reaped): nothing left to stop
             pass
     pg_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
-    for p in [psutil.Process(pg_pid), *psutil.Process(pg_pid).children()]:
-        procs[p.pid] = "postgres " + p.name()
+    postmaster = psutil.Process(pg_pid)
+    for p in [postmaster, *postmaster.children()]:
+        try:
+            procs[p.pid] = "postgres " + p.name()
+        except psutil.Error:  # a backend that ended in between: nothing left to stop
+            pass
     redis_pid = int((data_dir / "redis" / "redis.pid").read_text())
     procs[redis_pid] = "redis"
     for p in psutil.process_iter(["cmdline", "ppid"]):  # this relay up's reaper (not another test's)
@@ -64,10 +68,11 @@ def left(procs: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def wait_ready(port, data_dir, proc):
+def wait_ready(port, data_dir, proc, log=None):
     poll(lambda: proc.poll() is not None or (ready(port) and (data_dir / "up.json").exists()), 60, 0.1,
          "relay up ready")
-    assert proc.poll() is None, f"relay up exited with {proc.returncode}"
+    output = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    assert proc.poll() is None, f"relay up exited with {proc.returncode}\n{output}"
 
 
 def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(tmp_path, make_simulator,
@@ -84,13 +89,16 @@ def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(t
     campaign = create_campaign(sim, 858585, customers_per_channel=3000)
     expected = len(campaign.triples)
     data_dir, port = tmp_path / "data", free_port()
-    proc = start(data_dir, port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "up-1.log"
+    with open(log, "wb") as out:
+        proc = start(data_dir, port, env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_ready(port, data_dir, proc)
-        # the workers may still be starting when web answers (a loaded machine): wait for all five
-        procs = poll(lambda: (found := everything(proc, data_dir)) if sum(
-            1 for name in found.values() if "cli.main worker" in name) >= 5 else None, 60, 0.2,
-            "the campaign worker and the four real-time workers running")
+        wait_ready(port, data_dir, proc, log)
+        def all_workers():  # they may still be starting when web answers (a loaded machine)
+            found = everything(proc, data_dir)
+            return found if sum(1 for name in found.values() if "cli.main worker" in name) >= 5 else None
+
+        procs = poll(all_workers, 60, 0.2, "the campaign worker and the four real-time workers running")
         info = json.loads((data_dir / "up.json").read_text())
         assert "simulator" not in info  # the peers are the test's
         fire(info["url"], campaign)
@@ -103,10 +111,12 @@ def test_sigkilled_up_leaves_nothing_running_and_the_next_start_finds_its_data(t
     # the reaper stops every group (SIGTERM, SIGKILL after 10 s) and Postgres
     poll(lambda: not left(procs), 40, 0.2, "every process of the SIGKILLed relay up gone")
 
-    again = start(data_dir, port, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "up-2.log"
+    with open(log, "wb") as out:
+        again = start(data_dir, port, env, stdout=out, stderr=subprocess.STDOUT)
     try:
         restarted = time.monotonic()
-        wait_ready(port, data_dir, again)
+        wait_ready(port, data_dir, again, log)
         assert json.loads((data_dir / "up.json").read_text())["listener_url"] == info["listener_url"]
         procs = everything(again, data_dir)
         status = poll(lambda: (s := campaign_status(info["url"], campaign.id)).get("status") == "done" and s, 120,

@@ -41,7 +41,7 @@ def test_from_jsonl_keeps_the_fault_suite_and_fails_on_a_failed_test(tmp_path):
     assert faults_report._from_jsonl(source, output) == 0
     text = output.read_text()
     assert "test_kill" in text and "test_up" in text and "test_fast" not in text
-    assert "2 of 2 passed" in text
+    assert "2 of 2 passed, 0.4 min of test time added up" in text
     source.write_text(json.dumps(_row("tests/faults/test_a.py::test_kill", outcome="failed")))
     assert faults_report._from_jsonl(source, output) == 1
     assert faults_report._from_jsonl(tmp_path / "missing.jsonl", output) == 2

@@ -349,6 +349,21 @@ def record_figures(record_property, lost: int, duplicates: int, recovery_s: floa
         record_property(key, value)
 
 
+def own_postgres(tmp_path):
+    """A test's own embedded Postgres, migrated: (server, URL, autocommit connection); the caller stops it."""
+    import psycopg2
+
+    from cli.embedded import EmbeddedPostgres
+    from shared.db import upgrade
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    upgrade(url)
+    db = psycopg2.connect(url)
+    db.autocommit = True
+    return pg, url, db
+
+
 def restart_postgres(pg) -> None:
     """`pg_ctl restart -m fast` of a test's own embedded Postgres (open connections are ended)."""
     import subprocess

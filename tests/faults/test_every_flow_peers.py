@@ -30,7 +30,8 @@ from simulator.conditional_driver import run_conditional
 from simulator.realtime import run_realtime
 from simulator.send_driver import run_send_campaign
 from tests.conftest import TOKEN, count, poll
-from tests.faults.support import API_KEY, optimove_stats, runs, send_channel_config, send_runs, start_web
+from tests.faults.support import (API_KEY, optimove_stats, record_figures, runs, send_channel_config, send_runs,
+                                  start_web)
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -87,12 +88,6 @@ def _failing_bursts(peer) -> list[int]:
         peer.configure({"failure_rate": 0.0})
         refused.append(peer.summary()["faults_injected"].get("failure", 0) - before)
     return refused
-
-
-def _record(record_property, lost: int, duplicates: int) -> None:
-    """The measured counts, for the faults report, before any invariant is asserted."""
-    record_property("lost", int(lost))
-    record_property("duplicates", int(duplicates))
 
 
 def _notifications(db) -> dict[str, int]:
@@ -188,7 +183,7 @@ def test_flow1_send_service_2s_per_call_and_failing_in_bursts(procs, make_simula
     ended = time.monotonic()
     driver.join(150)
     assert not driver.is_alive(), "the send-campaign driver did not finish"
-    _record(record_property, summary["missing"], summary["duplicates"])
+    record_figures(record_property, summary["missing"], summary["duplicates"])
     _runs_done(db, campaign_id, len(channels), send_runs)
     recovery = time.monotonic() - ended
     record_property("recovery_s", round(recovery, 1))
@@ -232,7 +227,7 @@ def test_realtime_peer_2s_per_call_and_failing_in_bursts(role, procs, make_simul
     ended = time.monotonic()
     driver.join(180)
     assert not driver.is_alive(), "the real-time driver did not finish"
-    _record(record_property, summary["lost"], summary["duplicate_effects"])
+    record_figures(record_property, summary["lost"], summary["duplicate_effects"])
     table, done = ("grants", "granted") if role == "bonus" else ("sends", "sent")
     poll(lambda: count(db, f"SELECT count(*) FROM {table} WHERE status = 'claimed'") == 0, 30,
          message="every ledger row settled")
@@ -276,7 +271,7 @@ def test_flow4_bonus_system_2s_per_call_and_failing_in_bursts(procs, make_simula
     assert not driver.is_alive(), "the conditional driver did not finish"
     recovery = time.monotonic() - ended  # every customer reported
     lost = summary["missed"]  # customers to approve that were not approved in time
-    _record(record_property, lost, summary["duplicate_grants"])
+    record_figures(record_property, lost, summary["duplicate_grants"])
     record_property("recovery_s", round(recovery, 1))
     margin = _last_report_margin(sim, summary)
     print(f"\nflow 4: 2 s per bonus call, every call failing for {BURSTS} x {BURST_S:.0f} s ({refused} calls refused) "
@@ -337,7 +332,7 @@ def test_flow1_optimove_429_and_500_in_bursts(procs, make_simulator, private_red
     started = time.monotonic()
     summary = run_send_campaign(listener, sim.optimove_url, sim.send_admin_url, channels=channels,
                                 customers_per_channel=customers, spread=4, campaign_id=campaign_id, timeout=90)
-    _record(record_property, summary["missing"], summary["duplicates"])
+    record_figures(record_property, summary["missing"], summary["duplicates"])
     _runs_done(db, campaign_id, len(channels), send_runs)
     metrics_url = f"{sim.optimove_url}/_sim/campaign-metrics"
     reported = poll(lambda: (m := requests.get(metrics_url, params={"campaign_id": campaign_id}, timeout=10).json())
@@ -384,7 +379,7 @@ def test_flow4_optimove_429_and_500_in_bursts(procs, make_simulator, private_red
     stats = optimove_stats(sim)
     recovery = done_at - stats["last_fault_at"]
     lost = summary["missed"]  # customers to approve that were not approved in time
-    _record(record_property, lost, summary["duplicate_grants"])
+    record_figures(record_property, lost, summary["duplicate_grants"])
     record_property("recovery_s", round(recovery, 1))
     margin = _last_report_margin(sim, summary)
     print(f"\nflow 4: Optimove bursts ({_burst_figures(stats, pages, report)}); approved "

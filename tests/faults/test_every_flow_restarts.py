@@ -29,11 +29,10 @@ import time
 import psycopg2
 import pytest
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from shared.db import upgrade
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import poll
 from tests.faults.flows import FLOW_IDS, Scenario, freeze_holding_work, kill_child_mid_task, scenario
-from tests.faults.support import restart_postgres
+from tests.faults.support import own_postgres, restart_postgres
 
 pytestmark = pytest.mark.faults
 
@@ -173,11 +172,7 @@ def test_postgres_restarted_mid_batch(flow, procs, make_simulator, private_redis
     still be processed exactly once)."""
     sc = scenario(flow, make_simulator, tmp_path, 850000 + flow)
     sc.refusals_allowed = True
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.start()
-    upgrade(url)
-    db = psycopg2.connect(url)
-    db.autocommit = True
+    pg, url, db = own_postgres(tmp_path)
     try:
         env = sc.env(url, private_redis)
         base = sc.start(procs, env)

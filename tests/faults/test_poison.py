@@ -37,7 +37,8 @@ from simulator.realtime import run_realtime, trigger_body
 from simulator.send_driver import run_send_campaign
 from tests.conftest import ADMIN_PASSWORD, TOKEN, count, poll
 from tests.faults.support import (API_KEY, create_campaign, create_send_campaign, fire, fire_sends, grant_statuses,
-                                  runs, send_channel_config, send_runs, send_statuses, start_web, wait_done)
+                                  record_figures, runs, send_channel_config, send_runs, send_statuses, start_web,
+                                  wait_done)
 from tests.harness import post_notification, relay_env
 
 pytestmark = pytest.mark.faults
@@ -92,15 +93,6 @@ def _lost_and_duplicates(expected: set, applied: Counter) -> tuple[int, int]:
     return len(expected - set(applied)), sum(n - 1 for n in applied.values() if n > 1)
 
 
-def _record(record_property, lost: int, duplicates: int, parked_s: float | None = None) -> None:
-    """The measured counts (and how long the poison took to park), for the faults report, before any invariant
-    is asserted; recorded again once the poisoned work is parked (the report keeps the last value)."""
-    record_property("lost", int(lost))
-    record_property("duplicates", int(duplicates))
-    if parked_s is not None:
-        record_property("parked_s", round(parked_s, 1))
-
-
 def _wait_parked(db, campaign_id: int, n: int, since: float, runs_of=runs) -> tuple[list[dict], float]:
     """Poll until the campaign's `n` runs are `failed` and none of their ledger rows is in flight; return the
     runs (`runs_of`: `runs` or `send_runs`) and how long after `since` they were parked."""
@@ -149,7 +141,7 @@ def test_flow3_poison_page_parks_its_runs_and_the_other_campaign_is_exact(procs,
     triple = (lambda key: (key[0], key[1], key[2]))
     applied_healthy = _peer_applications(sim.bonus_admin_url, healthy.id, triple)
     lost, duplicates = _lost_and_duplicates(healthy.triples, applied_healthy)
-    _record(record_property, lost, duplicates)  # the healthy campaign's, before waiting for the poisoned one
+    record_figures(record_property, lost, duplicates)  # the healthy campaign's, before waiting for the poisoned one
     parked, parked_after = _wait_parked(db, poisoned.id, len(poisoned.channels), started)
 
     # what the poisoned runs could claim: their first page, each (customer, code) once across both channels
@@ -158,7 +150,7 @@ def test_flow3_poison_page_parks_its_runs_and_the_other_campaign_is_exact(procs,
                for code in row.promo_codes}
     applied_poisoned = _peer_applications(sim.bonus_admin_url, poisoned.id, triple)
     lost_p, duplicates_p = _lost_and_duplicates(partial, applied_poisoned)
-    _record(record_property, lost + lost_p, duplicates + duplicates_p, parked_after)
+    record_figures(record_property, lost + lost_p, duplicates + duplicates_p, parked_s=round(parked_after, 1))
     print(f"\nflow 3: NUL in row {POISON_ROW} of campaign {poisoned.id}: its {len(parked)} runs parked "
           f"{parked_after:.1f}s after the notifications ({parked[0]['last_error']!r}); its first pages "
           f"{len(applied_poisoned)} of {len(partial)} granted; campaign {healthy.id} alongside: "
@@ -210,13 +202,14 @@ def test_flow1_poison_page_parks_its_run_and_the_other_campaign_is_exact(procs, 
     summary = run_send_campaign(f"{base}/optimove/events?token={TOKEN}", sim.optimove_url, sim.send_admin_url,
                                 f"{base}/api/campaigns/{{campaign_id}}", ("admin", ADMIN_PASSWORD), channels=channels,
                                 customers_per_channel=300, spread=4, campaign_id=880011, timeout=60)
-    _record(record_property, summary["missing"], summary["duplicates"])
+    record_figures(record_property, summary["missing"], summary["duplicates"])
     [parked], parked_after = _wait_parked(db, poisoned.id, 1, started, send_runs)
 
     partial = {(611, row.customer_id) for row in _first_page(poisoned.spec, 611)}
     applied_poisoned = _peer_applications(sim.send_admin_url, poisoned.id, lambda key: (key[1], key[2]))
     lost_p, duplicates_p = _lost_and_duplicates(partial, applied_poisoned)
-    _record(record_property, summary["missing"] + lost_p, summary["duplicates"] + duplicates_p, parked_after)
+    record_figures(record_property, summary["missing"] + lost_p, summary["duplicates"] + duplicates_p,
+                   parked_s=round(parked_after, 1))
     print(f"\nflow 1: NUL in row {POISON_ROW} of send campaign {poisoned.id}: its run parked {parked_after:.1f}s after "
           f"the notification ({parked['last_error']!r}); its first page {len(applied_poisoned)} of {len(partial)} "
           f"sent; campaign 880011 alongside: {summary['sent']} of {summary['expected_sends']} sent, lost "
@@ -267,7 +260,7 @@ def test_flow4_poison_page_parks_its_run_before_the_deadline_and_the_other_campa
     summary = run_conditional(f"{base}/optimove/events?token={TOKEN}", sim.optimove_url, sim.bonus_admin_url,
                               customers=400, deadline_in=40, reject_every=25, campaign_id=880021, timeout=10)
     lost = summary["missed"]  # customers to approve that were not approved in time
-    _record(record_property, lost, summary["duplicate_grants"])
+    record_figures(record_property, lost, summary["duplicate_grants"])
     [parked], parked_after = _wait_parked(db, poisoned, 1, started)
     poll(lambda: runs(db, 880021)[0]["status"] == "done", 30, message="the healthy conditional run done")
 
@@ -276,7 +269,7 @@ def test_flow4_poison_page_parks_its_run_before_the_deadline_and_the_other_campa
     reported = poll(lambda: (r := requests.get(f"{sim.optimove_url}/_sim/promotion-status",
                                                params={"campaign_id": poisoned}, timeout=10).json())["reported"]
                     >= len(first_page) and r, 30, message="the parked run's grants reported")
-    _record(record_property, lost, summary["duplicate_grants"], parked_after)
+    record_figures(record_property, lost, summary["duplicate_grants"], parked_s=round(parked_after, 1))
     margin = count(db, "SELECT EXTRACT(EPOCH FROM deadline - finished_at)::float8 FROM campaign_runs "
                        "WHERE campaign_id = %s", poisoned)
     print(f"\nflow 4: NUL in row {POISON_ROW} of conditional campaign {poisoned}: its run parked {parked_after:.1f}s after the "
@@ -343,7 +336,7 @@ def test_realtime_poison_trigger_is_parked_and_the_other_triggers_are_exact(role
     poison_id = response.json()["notification_id"]
     driver.join(120)
     assert not driver.is_alive(), "the driver did not finish"
-    _record(record_property, summary["lost"], summary["duplicate_effects"])
+    record_figures(record_property, summary["lost"], summary["duplicate_effects"])
 
     def parked():
         with db.cursor() as cur:

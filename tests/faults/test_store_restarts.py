@@ -19,11 +19,10 @@ import time
 import psycopg2
 import pytest
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from shared.db import upgrade
+from cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import count, poll
-from tests.faults.support import (API_KEY, assert_exact, create_campaign, fire, restart_postgres, runs, start_web,
-                                  wait_done)
+from tests.faults.support import (API_KEY, assert_exact, create_campaign, fire, own_postgres, restart_postgres,
+                                  runs, start_web, wait_done)
 from tests.harness import relay_env
 
 pytestmark = pytest.mark.faults
@@ -82,11 +81,7 @@ def test_redis_killed_and_restarted_mid_campaign(appendonly, procs, make_simulat
 
 
 def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path, record_property):
-    pg = EmbeddedPostgres(tmp_path / "pg")
-    url = pg.start()
-    upgrade(url)
-    db = psycopg2.connect(url)
-    db.autocommit = True
+    pg, url, db = own_postgres(tmp_path)
     try:
         sim = make_simulator(rate_limit=FAST_LIMIT, latency_ms=150)
         env = _env(url, redis_url, sim)

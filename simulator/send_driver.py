@@ -118,7 +118,10 @@ def _check(entries: list[dict], expected: dict[tuple, campaigns.ExpectedSend], f
     applications: dict[tuple, int] = {}
     rejected, unexpected, early = set(), set(), set()
     wrong = {"template": [], "time": [], "attributes": []}
-    late, late_future = [], []
+    late, late_future, caught_up = [], [], []
+    due_at_once = {key for key, send in expected.items() if send.due.timestamp() <= fired_at}
+    backlog_done = max((entry["first_received_at"] for entry in entries
+                        if (entry["key"][1], entry["key"][2]) in due_at_once), default=fired_at)
     for entry in entries:
         _, channel, customer, template, _ = entry["key"]
         key = (channel, customer)
@@ -145,6 +148,8 @@ def _check(entries: list[dict], expected: dict[tuple, campaigns.ExpectedSend], f
         late.append(lateness)
         if due > fired_at:
             late_future.append(lateness)
+        if due > backlog_done:
+            caught_up.append(lateness)
     sent = {key for key, count in applications.items() if count}
     return {
         "sent": len(sent),
@@ -152,6 +157,7 @@ def _check(entries: list[dict], expected: dict[tuple, campaigns.ExpectedSend], f
         "early": len(early),
         "late_seconds": percentiles(sorted(late)),
         "late_seconds_future": percentiles(sorted(late_future)),
+        "late_seconds_caught_up": percentiles(sorted(caught_up)),
         "duplicates": sum(max(0, count - 1) for count in applications.values()),
         "missing": sorted(set(expected) - sent - rejected),
         "unexpected": len(unexpected),
@@ -203,8 +209,10 @@ def run_send_campaign(listener_url: str, optimove_url: str, send_admin_url: str,
     ``admin_auth``) adds the relay's view, which does not count for ``ok``.
 
     Keys: ``expected_sends``, ``due_now`` (due when the notifications were fired), ``sent``,
-    ``rejected``, ``early``, ``late_seconds`` and ``late_seconds_future`` (only sends due after
-    the notifications; {p50, p99, max, count}), ``duplicates``, ``missing`` (and
+    ``rejected``, ``early``, ``late_seconds``, ``late_seconds_future`` (only sends due after
+    the notifications) and ``late_seconds_caught_up`` (only sends due after every send due at
+    once had arrived: the release path alone, not the queue of the campaign's first sends;
+    each {p50, p99, max, count}), ``duplicates``, ``missing`` (and
     ``missing_sends``, up to 10 "channel/customer"), ``unexpected``, ``wrong_template``,
     ``wrong_time``, ``wrong_attributes``, ``wrong_examples``, ``metrics_reported``,
     ``relay_status``, ``relay_totals``, ``timed_out``, ``seconds``.
@@ -305,6 +313,7 @@ def format_send_summary(summary: dict) -> str:
         f"  early               {summary['early']}",
         f"  late                {_spread(summary['late_seconds'])}",
         f"  late (due later)    {_spread(summary['late_seconds_future'])}",
+        f"  late (caught up)    {_spread(summary['late_seconds_caught_up'])}",
         f"  duplicates          {summary['duplicates']}",
         f"  missing             {missing}" + (" (timed out waiting)" if summary["timed_out"] else ""),
         f"  wrong               {wrong}" + (f", unexpected sends {summary['unexpected']}"

@@ -65,7 +65,9 @@ def test_skewed_workers_keep_deadlines_and_send_times(skew, procs, simulator, da
     assert sends["ok"], sends
     assert sends["sent"] == sends["expected_sends"] == 300
     assert sends["early"] == 0 and sends["duplicates"] == 0
-    assert sends["late_seconds_future"]["max"] <= 5.0, sends["late_seconds_future"]
+    # within the release interval plus a delivery once the sends due at once are out (README, flow 1)
+    assert sends["late_seconds_caught_up"]["count"] >= 30 and sends["late_seconds_caught_up"]["max"] <= 5.0, sends
+    assert sends["late_seconds_future"]["max"] <= 20.0, sends["late_seconds_future"]
     assert count(db, "SELECT count(*) FROM sends WHERE campaign_id = %s AND updated_at < scheduled_time",
                  campaign_id + 1) == 0
     print(f"\nworkers {skew:+d} s: conditional approved {conditional['approved_before_deadline']} before the deadline, "

@@ -246,3 +246,29 @@ def test_cli_campaign_role_send_reads_up_json(world, tmp_path):
     zone = CliRunner().invoke(simulate, ["campaign", "--data-dir", str(tmp_path), "--role", "send",
                                          "--timezone", "Mars/Base"])
     assert zone.exit_code == 1 and "timezone" in zone.output
+
+
+def test_caught_up_lateness_counts_only_sends_due_after_the_first_sends_arrived():
+    """A send due while the campaign's sends due at once are still being delivered waits its turn
+    (late_seconds_future); one due after they all arrived measures the release path alone."""
+    from simulator.campaigns import ExpectedSend
+    from simulator.send_driver import _check
+
+    fired = 1_000_000.0
+
+    def send(customer, due):
+        return ExpectedSend(610, customer, 14, datetime.fromtimestamp(due, timezone.utc), {})
+
+    def entry(customer, due, received):
+        return {"key": ["send", 610, customer, 14, None], "applications": 1, "rejections": 0,
+                "due_at": due, "detail": {}, "first_received_at": received}
+
+    plan = [("a", fired - 50, fired + 4.0),   # due at once, the last of them arrives 4 s later
+            ("b", fired - 10, fired + 3.0),
+            ("c", fired + 1, fired + 4.5),    # due while the backlog drains: 3.5 s late
+            ("d", fired + 6, fired + 6.25),   # due after it: 0.25 s late
+            ("e", fired + 9, fired + 11.5)]   # 2.5 s late
+    expected = {(610, c): send(c, due) for c, due, _ in plan}
+    checked = _check([entry(c, due, received) for c, due, received in plan], expected, fired)
+    assert checked["late_seconds_future"]["count"] == 3 and checked["late_seconds_future"]["max"] == 3.5
+    assert checked["late_seconds_caught_up"]["count"] == 2 and checked["late_seconds_caught_up"]["max"] == 2.5

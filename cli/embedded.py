@@ -6,6 +6,7 @@ listen on 127.0.0.1 only, keep their data under one folder, and are reused on th
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,15 +19,39 @@ import psycopg2
 DB_NAME = "relay"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def free_port(preferred: int | None = None) -> int:
-    """`preferred` when it is free on 127.0.0.1, otherwise a free port chosen by the OS."""
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
+    """`preferred` when it is free on 127.0.0.1, otherwise a free port below the kernel's ephemeral range.
+
+    A port the OS picks with bind(0) comes from the range it also gives outgoing connections, so
+    between this check and the server's bind any busy client (a test, a worker) can take it as its
+    local port; a port below that range is only ever taken by a server binding it on purpose.
+    """
+    if preferred and _bindable(preferred):
+        return preferred
+    low, _ = _ephemeral_range()
+    if low > 11_000:
+        for _ in range(50):
+            port = random.randrange(10_000, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

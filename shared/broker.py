@@ -102,12 +102,14 @@ def create_app(settings: Settings, publisher: bool = False) -> Celery:
     """A Celery app for `settings` (no tasks registered).
 
     `publisher=True` (the web process, which only publishes) uses, when the broker is Redis, the
-    Redis transport that keeps its client between publishes.
+    Redis transport that keeps its client between publishes; otherwise (workers, beat) the Redis
+    transport whose acks free the worker's prefetch slot even when Redis fails (`shared.transport`).
     """
     app = Celery("relay", set_as_current=True)
     app.conf.update(celery_config(settings))
-    if publisher and is_redis_url(settings.celery_broker_url):
-        app.conf.broker_transport = "shared.transport:Transport"
+    if is_redis_url(settings.celery_broker_url):
+        # web: a kept client per channel; workers: acks that always free their prefetch slot
+        app.conf.broker_transport = "shared.transport:Transport" if publisher else "shared.transport:WorkerTransport"
     return app
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from cli.embedded import free_port, wait_for_port
+from cli.embedded import free_port
 from tests.conftest import ADMIN_PASSWORD, ROOT, TOKEN, poll
 
 
@@ -42,12 +42,31 @@ class Processes:
 
     def web(self, env: dict[str, str], name: str = "web") -> str:
         """Start `relay web` on a free port; return its base URL once /readyz answers 200."""
-        port = free_port()
-        proc = self.start(name, ["web", "--port", str(port), "--workers", "2", "--threads", "4"], env)
-        wait_for_port(port, 30, proc)
+        for attempt in range(3):
+            port = free_port()
+            proc = self.start(name, ["web", "--port", str(port), "--workers", "2", "--threads", "4"], env)
+            outcome = poll(lambda: self._bound(name, proc, port), 30, 0.05, message=f"{name} listening on {port}")
+            if outcome == "ours":
+                break
+            if outcome == "exited":
+                raise AssertionError(f"{name} exited with code {proc.returncode}:\n{self.logs()}")
+            # another process took the port between the check and gunicorn's bind: another port
+            self.kill(name)
+            (self.log_dir / f"{name}.log").rename(self.log_dir / f"{name}.port-taken-{attempt}.log")
+        else:
+            raise AssertionError(f"{name}: every port tried was taken before gunicorn could bind it")
         base = f"http://127.0.0.1:{port}"
         poll(lambda: ready(base), 60, 0.1, message=f"{name} ready")
         return base
+
+    def _bound(self, name: str, proc: subprocess.Popen, port: int) -> str | None:
+        """"ours" once gunicorn says it listens on `port`, "taken" when it could not bind it, "exited"."""
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace")
+        if f"Listening at: http://127.0.0.1:{port}" in text:
+            return "ours"
+        if "Address already in use" in text:
+            return "taken"
+        return "exited" if proc.poll() is not None else None
 
     def worker(self, env: dict[str, str], name: str = "worker", concurrency: int = 2) -> subprocess.Popen:
         """Start `relay worker` on every queue."""

@@ -20,6 +20,10 @@ def test_broker_url_defaults_to_redis_url():
     assert "confirm_publish" not in config["broker_transport_options"]
     assert isinstance(broker.direct_publisher(s), broker.DirectRedisPublisher)
     assert broker.create_app(s, publisher=True).conf.broker_transport == "shared.transport:Transport"
+    worker_app = broker.create_app(s)  # workers and beat: acks that free their slot whatever Redis answers
+    assert worker_app.conf.broker_transport == "shared.transport:WorkerTransport"
+    from shared.transport import WorkerTransport
+    assert isinstance(worker_app.connection_for_read().transport, WorkerTransport)
     assert broker.amqp_probe(s.celery_broker_url) is None
 
 
@@ -34,7 +38,7 @@ def test_amqp_broker_uses_celerys_publish_and_amqp_options():
     assert broker.direct_publisher(s) is None  # the listener publishes through Celery
     app = broker.create_app(s, publisher=True)
     assert app.conf.broker_transport is None and app.conf.broker_url == AMQP
-    assert broker.create_app(s).conf.broker_url == AMQP  # workers, beat, flower and the CLI
+    assert broker.create_app(s).conf.broker_url == AMQP and broker.create_app(s).conf.broker_transport is None  # workers, beat, flower and the CLI
     probe = broker.amqp_probe(AMQP)
     assert isinstance(probe, broker.AmqpProbe) and broker.amqp_probe(AMQP) is probe  # one per URL, no I/O yet
 

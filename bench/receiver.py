@@ -27,7 +27,7 @@ its own embedded stores unless DATABASE_URL/REDIS_URL are set, web, the campaign
 `--queues notifications,campaigns,grants --concurrency 2`, four real-time workers, beat, Flower
 and the simulator, each at the CPU niceness `relay up` gives it: N for the campaign worker, beat,
 Flower and the simulator, 0 for web and the real-time workers), with the bare app beside it at
-niceness 0 under `relay up`'s web flags (one sync worker per CPU). A scheduled bonus campaign of
+niceness 0 under `relay up`'s web flags (two sync workers per CPU). A scheduled bonus campaign of
 3 channels x `--busy-customers` (50 % overlap, every 2nd customer two promo codes: the
 bench/campaign.py shape) is created in the fake Optimove and its three EventTypeID 13
 notifications are posted to the listener; `--busy-settle` seconds after the first grants are
@@ -88,6 +88,7 @@ if str(ROOT) not in sys.path:
 
 from bench._common import log_tail, start_stores, stop_group  # noqa: E402
 from cli.embedded import free_port, wait_for_port  # noqa: E402
+from cli.main import default_web_workers  # noqa: E402
 
 PATH = "/optimove/events"
 TOKEN = "bench-listener-token-0123456789abcdef"
@@ -750,7 +751,7 @@ def run_busy(args, nice: int) -> dict:
     while it runs; the stores checked; everything stopped and checked gone."""
     tmp = Path(tempfile.mkdtemp(prefix="relay-bench-busy-"))
     py = sys.executable
-    flags = gunicorn_flags(os.cpu_count() or 2, 1)  # what `relay up` runs `relay web` with (its defaults)
+    flags = gunicorn_flags(default_web_workers(), 1)  # what `relay up` runs `relay web` with (its defaults)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RELAY_", "OPTIMOVE_", "BONUS_", "SEND_", "FLOWER_", "PROMETHEUS_"))}
     env.update({"RELAY_LISTENER_TOKENS": TOKEN, "RELAY_LOG_LEVEL": "warning", "RELAY_SWEEP_AFTER": "3600",
@@ -995,8 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections of the load generator")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="load generator processes (the connections are split between them)")
-    parser.add_argument("--web-workers", type=int, default=os.cpu_count() or 2,
-                        help="alone: gunicorn workers of both servers (default: one per CPU, as `relay web`; "
+    parser.add_argument("--web-workers", type=int, default=default_web_workers(),
+                        help="alone: gunicorn workers of both servers (default: two per CPU, as `relay web`; "
                              "busy: always `relay up`'s)")
     parser.add_argument("--web-threads", type=int, default=1,
                         help="alone: gunicorn threads per worker of both servers (busy: `relay up`'s, 1)")

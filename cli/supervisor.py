@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg2
 import requests
 
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_for_port
@@ -87,6 +88,36 @@ def lower_priority(nice: int) -> None:
         pass
 
 
+NICED_BACKENDS = """
+    SELECT pid, substring(application_name from '-nice([0-9]+)$')::int FROM pg_stat_activity
+    WHERE application_name ~ '^relay-[0-9]+-nice[0-9]+$'"""
+
+
+def nice_backends(conn, done: set[int]) -> int:
+    """Give each backend of the embedded Postgres that serves a niced relay process (its
+    `application_name` ends in `-nice<N>`, `shared.db.application_name`) that niceness; return how
+    many were changed. Postgres runs in a session of its own, so its backends share one autogroup
+    and a backend's nice ranks it among them: the campaign worker's queries yield to the
+    listener's, which otherwise wait behind them (bench/receiver.py --mode busy). `done` holds the
+    pids already set (a pid that ended is dropped from it). Only for a Postgres on this machine."""
+    with conn.cursor() as cur:
+        cur.execute(NICED_BACKENDS)
+        rows = cur.fetchall()
+    live = {pid for pid, _ in rows}
+    done &= live
+    changed = 0
+    for pid, nice in rows:
+        if pid in done:
+            continue
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+            changed += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+        done.add(pid)
+    return changed
+
+
 class UpError(Exception):
     """`relay up` cannot start; the message says why (exit code 2)."""
 
@@ -149,6 +180,10 @@ class Supervisor:
         self.workers = workers
         self.attach_simulator = (not settings.optimove_api_url) if simulator is None else simulator
         self.pg: EmbeddedPostgres | None = None
+        self.pg_url: str | None = None
+        self._nice_conn = None
+        self._nice_next = 0.0
+        self._niced: set[int] = set()
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
         self.worker_metrics: dict[str, int] = {}  # worker child -> its metrics port
@@ -170,6 +205,7 @@ class Supervisor:
             self._start_reaper()
             self._start()
             while not self.stopping.wait(0.5):
+                self._nice_backends()
                 dead = [c for c in self.children if c.proc.poll() is not None]
                 if dead:
                     say("relay", f"{dead[0].name} exited with code {dead[0].proc.returncode}; stopping everything")
@@ -277,7 +313,7 @@ class Supervisor:
         if not self.settings.database_url:
             self.pg = EmbeddedPostgres(self.data_dir)
             self._tell_reaper({"postgres": [str(self.pg.bin), str(self.pg.pgdata), self.pg.user_for_stop()]})
-            env["DATABASE_URL"] = self.pg.start()
+            env["DATABASE_URL"] = self.pg_url = self.pg.start()
             say("relay", f"embedded Postgres on 127.0.0.1:{self.pg.port} (data in {self.pg.pgdata})")
         if not self.settings.redis_url:
             self.redis = EmbeddedRedis(self.data_dir)
@@ -415,6 +451,19 @@ class Supervisor:
             return {k: v["attributes"] for k, v in DEMO_CHANNELS["channels"].items() if v.get("attributes")}
         return {str(k): list(v) for k, v in self.settings.channels.attributes.items()}
 
+    def _nice_backends(self) -> None:
+        """Every 2 s: the embedded Postgres' backends of niced children get their niceness."""
+        if not (self.pg and self.worker_nice > 0 and self.pg_url) or time.monotonic() < self._nice_next:
+            return
+        self._nice_next = time.monotonic() + 2
+        try:
+            if self._nice_conn is None or self._nice_conn.closed:
+                self._nice_conn = psycopg2.connect(self.pg_url, connect_timeout=3, application_name="relay-up")
+                self._nice_conn.autocommit = True
+            nice_backends(self._nice_conn, self._niced)
+        except psycopg2.Error:  # Postgres stopping or restarting: the next round tries again
+            self._nice_conn = None
+
     def _wait_ready(self, timeout: float = 60) -> None:
         web = next(c for c in self.children if c.name == "web")
         wait_for_port(self.port, timeout, web.proc)
@@ -441,6 +490,8 @@ class Supervisor:
             child.signal_group(signal.SIGKILL)  # leftovers of the group (pool children, gunicorn workers)
             if child.proc.poll() is None:
                 child.proc.wait(5)
+        if self._nice_conn is not None:
+            self._nice_conn.close()
         if self.redis:
             self.redis.stop()
         if self.pg:

@@ -51,8 +51,16 @@ def make_engine(url: str, pool_size: int = 16, pre_ping: bool = True) -> Engine:
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
-        connect_args={"connect_timeout": 3, "application_name": f"relay-{os.getpid()}"},
+        connect_args={"connect_timeout": 3, "application_name": application_name()},
     )
+
+
+def application_name() -> str:
+    """`relay-<pid>`, plus `-nice<N>` when this process runs at a lowered CPU priority: `relay up`
+    gives the embedded Postgres backend serving it the same niceness (`cli.supervisor.nice_backends`),
+    so a niced worker's queries do not take the CPU from the listener's."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    return f"relay-{os.getpid()}" + (f"-nice{nice}" if nice > 0 else "")
 
 
 @contextlib.contextmanager
@@ -99,7 +107,7 @@ class KeptConnections:
         kept = conn is not None
         try:
             if conn is None:
-                conn = psycopg2.connect(self._url, connect_timeout=3, application_name=f"relay-{os.getpid()}")
+                conn = psycopg2.connect(self._url, connect_timeout=3, application_name=application_name())
                 conn.autocommit = True
                 self._local.conn = conn
             yield conn

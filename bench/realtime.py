@@ -25,7 +25,7 @@ of everything else on the machine) is measured over each window, and the real-ti
 its task times and how many notifications it finished per second while the triggers were sent.
 Relay processes not run here: beat (the sweeper) and Flower.
 
-Target: p99 <= 250 ms with the campaign running. Exits 1 when a notification was lost or duplicated (or
+Target: p99 <= 100 ms with the campaign running (issue 10; 250 ms before). Exits 1 when a notification was lost or duplicated (or
 a re-send was not answered duplicate, or a listener answer was not 2xx), or a checked campaign's counts
 are wrong; 0 otherwise, whether or not the latency target is met.
 """
@@ -61,7 +61,7 @@ from cli.supervisor import DEMO_CHANNELS, REALTIME_POOL, REALTIME_PROCESSES  # n
 from shared.dispatch import CAMPAIGN_QUEUES, REALTIME  # noqa: E402
 from simulator.realtime import ROLES, percentiles, run_realtime  # noqa: E402
 
-TARGET_P99_MS = 250.0
+TARGET_P99_MS = 100.0  # issue 10 (the flows round asked for 250)
 WARMUP_CUSTOMERS = 2000
 WARMUP_TRIGGERS = (10.0, 1.0)          # rate, seconds per role
 GRANTS_START_TIMEOUT = 120.0

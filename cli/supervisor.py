@@ -385,7 +385,7 @@ class Supervisor:
             "url": base, "listener_url": f"{base}/optimove/events?token={token}",
             "admin_user": self.settings.admin_user, "admin_password": password,
             "flower_url": f"http://127.0.0.1:{self.flower_port}", "pid": os.getpid(), "channels": channels,
-            "channel_attributes": self._channel_attributes(),
+            "channel_attributes": self._channel_attributes(), "database_url": env["DATABASE_URL"],
             "worker_metrics": {name: f"http://{metrics_host}:{port}/metrics"
                                for name, port in self.worker_metrics.items()},
             **getattr(self, "simulator_info", {}),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg2
 import pytest
 import requests
 
@@ -63,6 +64,15 @@ def tree(pid: int) -> list[psutil.Process]:
     return [parent, *parent.children(recursive=True)]
 
 
+def niced_backends(database_url: str) -> set[int]:
+    """The CPU niceness of each embedded Postgres backend serving a niced relay process."""
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name ~ '^relay-[0-9]+-nice10$'")
+        pids = [pid for (pid,) in cur.fetchall()]
+    conn.close()
+    return {psutil.Process(pid).nice() for pid in pids if psutil.pid_exists(pid)}
+
+
 def stop(proc, log_path) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -114,6 +124,8 @@ def test_up_ready_simulate_stop_restart(tmp_path):
         assert summary["ok"] and summary["duplicate_grants"] == 0
         assert summary["granted_at_bonus_system"] == summary["expected_triples"] > 0
         assert summary["seconds"] < 60
+        # the embedded Postgres backends serving the niced campaign worker run at its niceness too
+        poll(lambda: niced_backends(info["database_url"]) == {10}, 15, 0.2, "the worker's Postgres backends niced")
         # each worker process serves its own metrics (relay up gives each a port): the campaign's pages are there
         assert set(info["worker_metrics"]) == {"worker", "realtime", "realtime2", "realtime3", "realtime4"}
         scraped = requests.get(info["worker_metrics"]["worker"], timeout=5).text

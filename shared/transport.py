@@ -57,6 +57,21 @@ class ReleasingQoS(kombu_redis.QoS):
         finally:
             virtual.QoS.ack(self, delivery_tag)
 
+    def restore_unacked(self, client=None):
+        """Put this channel's unacknowledged messages back, unless the transport is already closed.
+
+        After Redis died, Celery closes the broken connection; a CI run of the fault suite showed
+        the channel closing after its transport had dropped its client, and kombu's restore then
+        failed building a new pool (`AttributeError: 'NoneType' object has no attribute
+        'hostname'`), which Celery does not count as a connection error: "Unrecoverable error", and
+        the worker stopped consuming for good. Nothing can reach Redis then anyway; the messages stay
+        in its `unacked` index (restored after the visibility timeout) or, if Redis lost them, are
+        re-driven by the sweeper from Postgres."""
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            self._delivered.clear()
+            return
+        super().restore_unacked(client)
+
     def reject(self, delivery_tag, requeue=False):
         try:
             if requeue:

@@ -64,3 +64,24 @@ def test_acks_still_reach_redis_when_it_is_up(own_redis):
         assert client.hlen(channel.unacked_key) == 1
         message.ack()
         assert client.hlen(channel.unacked_key) == 0 and channel.qos.can_consume()
+
+
+@pytest.mark.parametrize("transport, survives", [(WorkerTransport, True), (kombu_redis.Transport, False)],
+                         ids=["relay", "kombu_stock"])
+def test_closing_a_channel_whose_transport_lost_its_client_does_not_crash(own_redis, transport, survives):
+    """The state a CI run's worker died in after Redis was killed: Celery closed the broken
+    connection's channel, holding an unacknowledged message, after the transport had dropped its
+    client. kombu's restore raised AttributeError (not a connection error: "Unrecoverable error",
+    the worker stopped); ours forgets the local delivery (Redis keeps it in `unacked`)."""
+    server, url = own_redis
+    conn = Connection(url, transport=transport)
+    channel, _ = _take_one(conn)
+    server.stop(signal.SIGKILL)
+    channel._disconnect_pools()   # what the channel's close does first
+    conn.transport.client = None  # what closing the transport does
+    if survives:
+        channel.close()
+        assert channel.qos.can_consume()
+    else:
+        with pytest.raises(AttributeError):
+            channel.close()

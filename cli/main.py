@@ -72,7 +72,7 @@ def default_web_workers() -> int:
 @main.command()
 @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", 8000)), show_default="$PORT or 8000")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0 in containers)")
-@click.option("--workers", type=int, default=lambda: default_web_workers(), show_default="two per CPU",
+@click.option("--workers", type=int, default=default_web_workers, show_default="two per CPU",
               help="gunicorn worker processes")
 @click.option("--threads", default=1, show_default=True,
               help="threads per worker (1: sync workers, the fastest for this CPU-bound endpoint behind a proxy)")

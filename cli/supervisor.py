@@ -180,7 +180,6 @@ class Supervisor:
         self.workers = workers
         self.attach_simulator = (not settings.optimove_api_url) if simulator is None else simulator
         self.pg: EmbeddedPostgres | None = None
-        self.pg_url: str | None = None
         self._nice_conn = None
         self._nice_next = 0.0
         self._niced: set[int] = set()
@@ -313,7 +312,7 @@ class Supervisor:
         if not self.settings.database_url:
             self.pg = EmbeddedPostgres(self.data_dir)
             self._tell_reaper({"postgres": [str(self.pg.bin), str(self.pg.pgdata), self.pg.user_for_stop()]})
-            env["DATABASE_URL"] = self.pg_url = self.pg.start()
+            env["DATABASE_URL"] = self.pg.start()
             say("relay", f"embedded Postgres on 127.0.0.1:{self.pg.port} (data in {self.pg.pgdata})")
         if not self.settings.redis_url:
             self.redis = EmbeddedRedis(self.data_dir)
@@ -453,12 +452,12 @@ class Supervisor:
 
     def _nice_backends(self) -> None:
         """Every 2 s: the embedded Postgres' backends of niced children get their niceness."""
-        if not (self.pg and self.worker_nice > 0 and self.pg_url) or time.monotonic() < self._nice_next:
+        if not (self.pg and self.worker_nice > 0) or time.monotonic() < self._nice_next:
             return
         self._nice_next = time.monotonic() + 2
         try:
             if self._nice_conn is None or self._nice_conn.closed:
-                self._nice_conn = psycopg2.connect(self.pg_url, connect_timeout=3, application_name="relay-up")
+                self._nice_conn = psycopg2.connect(self.pg.url, connect_timeout=3, application_name="relay-up")
                 self._nice_conn.autocommit = True
             nice_backends(self._nice_conn, self._niced)
         except psycopg2.Error:  # Postgres stopping or restarting: the next round tries again

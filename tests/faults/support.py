@@ -351,26 +351,35 @@ def record_figures(record_property, lost: int, duplicates: int, recovery_s: floa
 
 def own_postgres(tmp_path):
     """A test's own embedded Postgres, migrated: (server, URL, autocommit connection); the caller stops it."""
-    import psycopg2
-
     from cli.embedded import EmbeddedPostgres
     from shared.db import upgrade
 
     pg = EmbeddedPostgres(tmp_path / "pg")
     url = pg.start()
     upgrade(url)
+    return pg, url, _connect(url)
+
+
+def _connect(url: str):
+    import psycopg2
+
     db = psycopg2.connect(url)
     db.autocommit = True
-    return pg, url, db
+    return db
 
 
-def restart_postgres(pg) -> None:
-    """`pg_ctl restart -m fast` of a test's own embedded Postgres (open connections are ended)."""
+def restart_postgres(pg, db):
+    """`pg_ctl restart -m fast` of a test's own embedded Postgres (`own_postgres`; open connections are
+    ended): close the test's connection `db`, restart, and return (a new autocommit connection, the
+    monotonic time the server was back)."""
     import subprocess
 
+    db.close()
     # -l: the restarted server must not inherit (and hold open) this call's output pipes
     result = subprocess.run([str(pg.bin / "pg_ctl"), "-D", str(pg.pgdata), "-l", str(pg.pgdata / "server.log"),
                              "-m", "fast", "-w", "restart",
                              "-o", f"-h 127.0.0.1 -p {pg.port} -c unix_socket_directories=''"],
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, user=pg.run_as, timeout=120)
     assert result.returncode == 0, result.stderr
+    restarted = time.monotonic()
+    return _connect(pg.url), restarted

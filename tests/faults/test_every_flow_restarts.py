@@ -26,7 +26,6 @@ from __future__ import annotations
 import signal
 import time
 
-import psycopg2
 import pytest
 
 from cli.embedded import EmbeddedRedis, free_port
@@ -178,11 +177,7 @@ def test_postgres_restarted_mid_batch(flow, procs, make_simulator, private_redis
         base = sc.start(procs, env)
         sc.begin(base)
         _mid_run(sc, db)
-        db.close()
-        restart_postgres(pg)
-        restarted = time.monotonic()
-        db = psycopg2.connect(url)
-        db.autocommit = True
+        db, restarted = restart_postgres(pg, db)
         at = _landed(sc, db)
         _finish(sc, db, record_property, restarted, f"Postgres restarted at {at}")
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import signal
 import time
 
-import psycopg2
 import pytest
 
 from cli.embedded import EmbeddedRedis, free_port
@@ -91,11 +90,7 @@ def test_postgres_restarted_mid_batch(procs, make_simulator, redis_url, tmp_path
         started = time.monotonic()
         fire(base, campaign)
         poll(lambda: _claimed(db, campaign) >= expected // 4, 40, message="a quarter of the grants claimed")
-        db.close()
-        restart_postgres(pg)
-        restarted = time.monotonic()
-        db = psycopg2.connect(url)
-        db.autocommit = True
+        db, restarted = restart_postgres(pg, db)
         claimed_at_restart = _claimed(db, campaign)
         assert claimed_at_restart < expected, "the restart landed after every page was claimed"
         wait_done(db, campaign, 120)
